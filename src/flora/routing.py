@@ -1,0 +1,72 @@
+"""Per-row routing: which adapter each row of the current batch uses.
+
+`AdapterModel` builds one `Routing` per forward (or per `generate` call) from ``adapter_names`` and
+publishes it on the `RoutingState` that every adapted layer shares. Layers read it; nothing on
+the hot path loops over rows in Python more than once per routing, because each bank memoises
+what it derives from the routing (row groups, gathered weights, the chosen strategy) in
+``Routing.memo`` for as long as the routing lives: the whole of a `generate` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Routing:
+    """The adapter of every row of a batch.
+
+    Attributes:
+        names: one entry per row, an adapter name or ``None`` for the base model.
+        device: where row-index tensors live.
+        memo: per-routing cache owned by the banks (keys are chosen by each bank).
+    """
+
+    names: tuple[str | None, ...]
+    device: torch.device
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.names)
+
+    def expanded(self, batch_size: int) -> Routing:
+        """The routing for a batch whose rows repeat each row ``k`` times in place (beam search,
+        ``num_return_sequences``): ``[a, b] -> [a, a, b, b]`` for ``k = 2``."""
+        if batch_size == self.batch_size:
+            return self
+        key = ("expanded", batch_size)
+        if key not in self.memo:
+            if batch_size % self.batch_size:
+                raise ValueError(
+                    f"a layer saw a batch of {batch_size} rows, but adapter_names has "
+                    f"{self.batch_size} entries (expected a multiple)"
+                )
+            k = batch_size // self.batch_size
+            self.memo[key] = Routing(tuple(n for n in self.names for _ in range(k)), self.device)
+        return self.memo[key]
+
+    def rows_by_adapter(self, adapters: Sequence[str]) -> dict[str, list[int]]:
+        """Row indices of each of ``adapters`` that occurs in this batch, in first-seen order."""
+        wanted = set(adapters)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(self.names):
+            if name in wanted:
+                groups.setdefault(name, []).append(row)
+        return groups
+
+
+class RoutingState:
+    """The routing in force, shared by an `AdapterModel` and all of its adapted layers.
+
+    ``current`` is ``None`` outside a forward pass: layers then act as the bare base model.
+    """
+
+    def __init__(self) -> None:
+        self.current: Routing | None = None
+        self.strategy: str = "auto"
+        self.tuner: Any = None  # a flora.kernels.autotune.Autotuner, set by AdapterModel
