@@ -46,7 +46,7 @@ def flora_elementwise(
     if b_rows.shape[1] == 1:
         return matmul(x * b_rows) * a_rows
     scaled = x.unsqueeze(1) * b_rows.unsqueeze(2)  # [batch, r, tokens, in]
-    return torch.einsum("brto,bro->bto", matmul(scaled), a_rows)
+    return (matmul(scaled) * a_rows.unsqueeze(2)).sum(1)
 
 
 def flora_dense(

@@ -146,7 +146,9 @@ class Bank(nn.Module):
 
     def remove(self, name: str) -> None:
         for attr in self._parameter_dicts():
-            getattr(self, attr).pop(name, None)
+            parameters = getattr(self, attr)
+            if name in parameters:
+                del parameters[name]
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         """Adapter ``name``'s tensors keyed by ``param_names`` (PEFT's layout)."""

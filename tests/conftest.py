@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random transformers models (a few hundred KB, built from a config)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 97
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A tiny random causal LM of architecture ``arch`` ('llama', 'gpt2' or 'qwen2'), in eval mode."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+        model = GPT2LMHeadModel(config)
+    elif arch == "qwen2":
+        config = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )  # fmt: skip
+        model = Qwen2ForCausalLM(config)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+# Per architecture: (LoRA targets of adapter a, LoRA targets of adapter b, IA3 targets, IA3 feed-forward).
+TARGETS = {
+    "llama": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"], ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn"], ["c_attn", "c_proj", "c_fc"], ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"], ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+}  # fmt: skip
+
+ARCHS = list(TARGETS)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def batch(rows: int = 6, length: int = 9, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and an attention mask with left padding on some rows."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(0, rows, 3):
+        mask[row, : row % 4 + 1] = 0
+    return ids, mask
