@@ -7,16 +7,21 @@ Forward, for the routing in force (no routing, or no row using an adapter here: 
    adapters is in the batch (its rows without an adapter get exactly ``x W0ᵀ + bias``);
 3. banks that add to or rescale the output (LoRA, IA3) update their rows.
 
-Each row uses at most one adapter, so every other bank leaves that row as it is.
+Each row uses at most one adapter, so every other bank leaves that row as it is. The steps are
+compiled once per routing and input shape into one closure (strategy chosen, per-row weights
+gathered) and memoised on the routing: a decode step is a dict lookup and the kernels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from flora.methods.base import Bank
-from flora.routing import RoutingState
+from flora.routing import Routing, RoutingState
 
 ADAPTABLE = (nn.Linear, Conv1D)
 
@@ -60,21 +65,43 @@ class AdaptedLayer(nn.Module):
         routing = self._state[0].current
         if routing is None:
             return self.base_layer(x, *args, **kwargs)
-        routing = routing.expanded(x.shape[0])
-        active = [(bank, plan) for bank in self.banks.values() if (plan := bank.plan(routing)) is not None]
+        if x.shape[0] != routing.batch_size:
+            routing = routing.expanded(x.shape[0])
+        key = (id(self), x.shape, torch.is_grad_enabled())
+        run = routing.memo.get(key)
+        if run is None:
+            run = routing.memo[key] = self._compile(routing, x)
+        return run(x)
+
+    def _compile(self, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """One function ``x -> out`` for this routing, with every bank's strategy chosen and its
+        per-row weights gathered. The bare base layer when no row uses an adapter here."""
+        key = (id(self), "plans")
+        if key not in routing.memo:
+            routing.memo[key] = [(b, plan) for b in self.banks.values() if (plan := b.plan(routing)) is not None]
+        active = routing.memo[key]
         if not active:
-            return self.base_layer(x, *args, **kwargs)
-        for bank, plan in active:
-            x = bank.scale_input(x, plan, routing)
+            return self.base_layer
+        inputs = [step for bank, plan in active if (step := bank.input_step(plan, routing)) is not None]
+        sample = x
+        for step in inputs:
+            sample = step(sample)
         replacing = [(bank, plan) for bank, plan in active if bank.replaces_base]
-        if replacing:
-            bank, plan = replacing[0]
-            out = bank.base_output(x, plan, routing, self)
-        else:
-            out = self.base_layer(x, *args, **kwargs)
-        for bank, plan in active:
-            out = bank.adjust_output(x, out, plan, routing)
-        return out
+        base = replacing[0][0].base_step(replacing[0][1], routing, self, sample) if replacing else self.base_layer
+        outputs = [step for bank, plan in active if (step := bank.output_step(plan, routing, sample, base)) is not None]
+        if not inputs and len(outputs) == 1:  # the usual case: one additive or scaling bank
+            output = outputs[0]
+            return lambda x: output(x, base(x))
+
+        def run(x: Tensor) -> Tensor:
+            for step in inputs:
+                x = step(x)
+            out = base(x)
+            for step in outputs:
+                out = step(x, out)
+            return out
+
+        return run
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,17 +1,19 @@
 """What every PEFT method shares: its config (with Hugging Face PEFT's JSON names) and its *bank*.
 
 A bank is one method's adapters in one adapted layer: the parameters of every loaded adapter of
-that method, keyed by adapter name (``ParameterDict``, PEFT's layout per adapter). For a forward
-pass it derives a *plan* from the routing (which rows use which of its adapters, the per-row
-weights gathered for the batched strategies) and memoises it for as long as the routing lives.
+that method, keyed by adapter name (``ParameterDict``, PEFT's layout per adapter). For a routing
+it derives a *plan* (which rows use which of its adapters) and from that builds closures with
+the strategy chosen and the per-row weights gathered; the layer keeps them for as long as the
+routing lives, so the decode steps of a `generate` call only run kernels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -89,21 +91,27 @@ def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> A
     return default
 
 
+def pad_rank(t: Tensor, rank: int, dim: int) -> Tensor:
+    """``t`` zero-padded along ``dim`` to size ``rank`` (``t`` itself when it is already)."""
+    missing = rank - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 @dataclass
 class Plan:
-    """What a bank derives from one routing: its adapters' rows, and memoised per-strategy data."""
+    """What a bank derives from one routing: which rows use which of its adapters."""
 
-    groups: dict[str, list[int]]
-    rows: dict[str, Tensor]
-    memo: dict[Hashable, Any] = field(default_factory=dict)
+    groups: dict[str, list[int]]  # adapter -> rows, in first-seen order
+    device: torch.device
 
-    def cached(self, key: Hashable, build):
-        """``build()`` once per plan and autograd mode (tensors built without grad are not reused
-        in a pass that needs gradients)."""
-        key = (key, torch.is_grad_enabled())
-        if key not in self.memo:
-            self.memo[key] = build()
-        return self.memo[key]
+    @functools.cached_property
+    def rows(self) -> dict[str, Tensor]:
+        """The same rows as index tensors."""
+        return {name: torch.tensor(rows, device=self.device) for name, rows in self.groups.items()}
 
 
 class Bank(nn.Module):
@@ -161,48 +169,55 @@ class Bank(nn.Module):
     def _parameter_dicts(self) -> list[str]:
         return [n for n, m in self.named_children() if isinstance(m, nn.ParameterDict)]
 
-    # -- forward -------------------------------------------------------------------------------
+    # -- forward: each hook returns a closure with its strategy and per-row weights bound ---------
 
     def plan(self, routing: Routing) -> Plan | None:
         """The rows of this batch that use one of this bank's adapters (``None`` if there are none)."""
-        key = ("plan", id(self))
+        groups = routing.rows_by_adapter(self.adapters())
+        return Plan(groups, routing.device) if groups else None
+
+    def prepared(self, routing: Routing, strategy: str, build: Callable[[], Any]) -> Any:
+        """``build()`` (a strategy's kernel with its per-row weights) once per routing, strategy and
+        autograd mode: prefill and decode steps of one `generate` share it."""
+        key = (id(self), strategy, torch.is_grad_enabled())
         if key not in routing.memo:
-            groups = routing.rows_by_adapter(self.adapters())
-            rows = {n: torch.tensor(r, device=routing.device) for n, r in groups.items()}
-            routing.memo[key] = Plan(groups, rows) if groups else None
+            routing.memo[key] = build()
         return routing.memo[key]
 
-    def choose_strategy(self, plan: Plan, x: Tensor, candidates: dict[str, Any]) -> str:
-        """The strategy in force: the model's choice when this method has it, its measured best
-        under ``"auto"``, else this method's default. ``candidates`` maps names to thunks."""
+    def choose_strategy(self, plan: Plan, x: Tensor, trial: Callable[[str], Callable[[], Tensor]]) -> str:
+        """The strategy in force: the model's choice when this method has it, the measured fastest
+        under ``"auto"``, else this method's default. ``trial(name)`` is a thunk that computes this
+        bank's output for the sample ``x: [batch, tokens, in]`` with strategy ``name``, without
+        side effects (built only when measuring)."""
         wanted = self.state.strategy
-        if wanted in candidates:
+        if wanted in self.strategies:
             return wanted
-        if wanted != "auto" or len(candidates) == 1:
+        if wanted != "auto" or len(self.strategies) == 1:
             return self.strategies[0]
-        tokens = token_bucket(x.shape[1])
-        key = ("strategy", tokens)
-        if key not in plan.memo:
-            rank = max(self.rank(n) for n in plan.groups)
-            tune_key = (
-                self.method, self.in_features, self.out_features, rank, x.shape[0], tokens,
-                len(plan.groups), sum(map(len, plan.groups.values())),
-                x.device.type, x.dtype, torch.is_grad_enabled(),
-            )  # fmt: skip
-            plan.memo[key] = self.state.tuner.pick(tune_key, candidates)
-        return plan.memo[key]
+        rank = max(self.rank(n) for n in plan.groups)
+        key = (
+            self.method, self.in_features, self.out_features, rank, x.shape[0], token_bucket(x.shape[1]),
+            len(plan.groups), sum(map(len, plan.groups.values())), x.device.type, x.dtype, torch.is_grad_enabled(),
+        )  # fmt: skip
+        return self.state.tuner.pick(key, {name: trial(name) for name in self.strategies})
 
     def rank(self, name: str) -> int:
         return 1
 
-    def scale_input(self, x: Tensor, plan: Plan, routing: Routing) -> Tensor:
-        return x
+    def input_step(self, plan: Plan, routing: Routing) -> Callable[[Tensor], Tensor] | None:
+        """``x -> x`` applied before the base layer (IA3 on feed-forward layers), or ``None``."""
+        return None
 
-    def base_output(self, x: Tensor, plan: Plan, routing: Routing, layer: nn.Module) -> Tensor:
+    def base_step(self, plan: Plan, routing: Routing, layer: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x -> out`` replacing the base layer (multiplicative methods)."""
         raise NotImplementedError
 
-    def adjust_output(self, x: Tensor, out: Tensor, plan: Plan, routing: Routing) -> Tensor:
-        return out
+    def output_step(
+        self, plan: Plan, routing: Routing, x: Tensor, base: Callable[[Tensor], Tensor]
+    ) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """``(x, out) -> out`` applied after the base layer (additive and output-scaling methods), or
+        ``None``. ``x`` is a sample input and ``base`` the base computation, for measuring."""
+        return None
 
     # -- helpers for subclasses ----------------------------------------------------------------
 
@@ -214,12 +229,11 @@ class Bank(nn.Module):
             )
 
     def _row_table(self, plan: Plan, routing: Routing, identity: Tensor, rows_of) -> Tensor:
-        """``[batch, *identity.shape]``: ``rows_of(name)`` for rows of this bank's adapters,
-        ``identity`` for the others. One stack and one gather."""
-        names = list(plan.groups)
-        table = torch.stack([identity] + [rows_of(n) for n in names])
-        index = [0] * routing.batch_size
-        for slot, name in enumerate(names, start=1):
-            for row in plan.groups[name]:
-                index[row] = slot
-        return table[torch.tensor(index, device=table.device)]
+        """``[batch, *identity.shape]``: ``rows_of(name)`` for the rows of this bank's adapters,
+        ``identity`` for the others; one stack."""
+        per_adapter = {name: rows_of(name) for name in plan.groups}
+        per_row = [identity] * routing.batch_size
+        for name, rows in plan.groups.items():
+            for row in rows:
+                per_row[row] = per_adapter[name]
+        return torch.stack(per_row)

@@ -17,6 +17,7 @@ distinct adapter); see `flora.kernels.flora`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flora.kernels.flora import flora_dense, flora_elementwise
-from flora.methods.base import AdapterConfig, Bank, Plan, pattern_value
+from flora.methods.base import AdapterConfig, Bank, Plan, pad_rank, pattern_value
 from flora.routing import Routing
 
 
@@ -84,40 +85,37 @@ class FloraBank(Bank):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _elementwise_rows(self, plan: Plan, routing: Routing) -> tuple[Tensor, Tensor]:
-        rank = max(self.rank(n) for n in plan.groups)
+    def _kernel(self, strategy: str, plan: Plan, routing: Routing, weight: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x: [batch, tokens, in] -> [batch, tokens, out]`` (no bias) for ``strategy``."""
         like = self.flora_A[next(iter(plan.groups))]
+        if strategy == "loop":
+            used = {row for rows in plan.groups.values() for row in rows}
+            base = [row for row in range(routing.batch_size) if row not in used]
+            base_rows = torch.tensor(base, device=like.device) if base else None
+            groups = [(plan.rows[n], self.flora_A[n], self.flora_B[n]) for n in plan.groups]
+            return lambda x: flora_dense(x, weight, base_rows, groups, self.out_features)
+        rank = max(self.rank(n) for n in plan.groups)
         identity_a = like.new_zeros(rank, self.out_features)
         identity_a[0] = 1.0
-        b_rows = self._row_table(
-            plan, routing, like.new_ones(rank, self.in_features),
-            lambda n: F.pad(self.flora_B[n], (0, 0, 0, rank - self.rank(n))),
-        )  # fmt: skip
-        a_rows = self._row_table(
-            plan, routing, identity_a, lambda n: F.pad(self.flora_A[n] / self.rank(n), (0, 0, 0, rank - self.rank(n)))
-        )
-        return b_rows, a_rows
+        ones_b = like.new_ones(rank, self.in_features)
+        b_rows = self._row_table(plan, routing, ones_b, lambda n: pad_rank(self.flora_B[n], rank, dim=0))
+        a_rows = self._row_table(plan, routing, identity_a, lambda n: pad_rank(self.flora_A[n] / self.rank(n), rank, dim=0))
+        return lambda x: flora_elementwise(x, lambda t: F.linear(t, weight), b_rows, a_rows)
 
-    def _dense_groups(self, plan: Plan, routing: Routing) -> tuple[Tensor | None, list]:
-        used = {row for rows in plan.groups.values() for row in rows}
-        base = [row for row in range(routing.batch_size) if row not in used]
-        device = self.flora_A[next(iter(plan.groups))].device
-        base_rows = torch.tensor(base, device=device) if base else None
-        return base_rows, [(plan.rows[n], self.flora_A[n], self.flora_B[n]) for n in plan.groups]
-
-    def base_output(self, x: Tensor, plan: Plan, routing: Routing, layer) -> Tensor:
+    def base_step(self, plan, routing, layer, x):
         batch = routing.batch_size
-        x3 = x.reshape(batch, -1, self.in_features)
         weight, bias = layer.weight_out_in(), layer.base_layer.bias
-        runs = {
-            "flora": lambda: flora_elementwise(
-                x3, lambda t: F.linear(t, weight), *plan.cached("elementwise", lambda: self._elementwise_rows(plan, routing))
-            ),
-            "loop": lambda: flora_dense(
-                x3, weight, *plan.cached("dense", lambda: self._dense_groups(plan, routing)), self.out_features
-            ),
-        }
-        out = runs[self.choose_strategy(plan, x3, runs)]()
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+
+        def kernel(name: str):
+            return self.prepared(routing, name, lambda: self._kernel(name, plan, routing, weight))
+
+        x3 = x.reshape(batch, -1, self.in_features)
+        run = kernel(self.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)))
+
+        def step(x: Tensor) -> Tensor:
+            out = run(x.reshape(batch, -1, self.in_features))
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+
+        return step

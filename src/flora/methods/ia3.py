@@ -10,6 +10,7 @@ to batch, so IA3 has one strategy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -71,23 +72,21 @@ class Ia3Bank(Bank):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _scales(self, plan: Plan, routing: Routing, feedforward: bool) -> Tensor | None:
+    def _scaling_step(self, plan: Plan, routing: Routing, feedforward: bool) -> Callable[[Tensor], Tensor] | None:
+        """``t -> t ∘ l_row`` over the input (feed-forward adapters) or the output (the others)."""
         names = [n for n in plan.groups if self._feedforward[n] == feedforward]
         if not names:
             return None
         size = self.in_features if feedforward else self.out_features
         sub = Plan({n: plan.groups[n] for n in names}, {n: plan.rows[n] for n in names})
         like = self.ia3_l[names[0]]
-        return self._row_table(sub, routing, like.new_ones(size), lambda n: self.ia3_l[n].flatten()).unsqueeze(1)
+        scales = self._row_table(sub, routing, like.new_ones(size), lambda n: self.ia3_l[n].flatten()).unsqueeze(1)
+        batch = routing.batch_size
+        return lambda t: (t.reshape(batch, -1, size) * scales).reshape(t.shape)
 
-    def scale_input(self, x: Tensor, plan: Plan, routing: Routing) -> Tensor:
-        scales = plan.cached("input", lambda: self._scales(plan, routing, feedforward=True))
-        if scales is None:
-            return x
-        return (x.reshape(routing.batch_size, -1, self.in_features) * scales).reshape(x.shape)
+    def input_step(self, plan, routing):
+        return self._scaling_step(plan, routing, feedforward=True)
 
-    def adjust_output(self, x: Tensor, out: Tensor, plan: Plan, routing: Routing) -> Tensor:
-        scales = plan.cached("output", lambda: self._scales(plan, routing, feedforward=False))
-        if scales is None:
-            return out
-        return (out.reshape(routing.batch_size, -1, self.out_features) * scales).reshape(out.shape)
+    def output_step(self, plan, routing, x, base):
+        scale = self._scaling_step(plan, routing, feedforward=False)
+        return None if scale is None else (lambda x, out: scale(out))

@@ -12,7 +12,9 @@ Strategies: ``bmm`` (default), ``loop``, ``segmented`` (see `flora.kernels.lowra
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
-from flora.methods.base import AdapterConfig, Bank, Plan, pattern_value
+from flora.methods.base import AdapterConfig, Bank, Plan, pad_rank, pattern_value
 from flora.routing import Routing
 
 
@@ -109,47 +111,61 @@ class LoraBank(Bank):
     def _scaled_b(self, name: str) -> Tensor:
         return self.lora_B[name] * self.scaling[name]
 
-    def _loop_groups(self, plan: Plan) -> list[tuple[Tensor, Tensor, Tensor]]:
-        return [(plan.rows[n], self.lora_A[n], self._scaled_b(n)) for n in plan.groups]
-
-    def _bmm_rows(self, plan: Plan, routing: Routing) -> tuple[Tensor, Tensor]:
+    def _kernel(self, strategy: str, plan: Plan, routing: Routing) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(x: [batch, tokens, in], out: [batch, tokens, out]) -> out`` for ``strategy``."""
+        if strategy == "loop":
+            groups = [(plan.rows[n], self.lora_A[n], self._scaled_b(n)) for n in plan.groups]
+            return lambda x, out: lowrank_loop(x, out, groups)
+        if strategy == "segmented":
+            order, segments, start = [], [], 0
+            for name, rows in plan.groups.items():
+                order.extend(rows)
+                segments.append((start, start + len(rows), self.lora_A[name], self._scaled_b(name)))
+                start += len(rows)
+            order_t = torch.tensor(order, device=routing.device)
+            return lambda x, out: lowrank_segmented(x, out, order_t, segments)
         rank = max(self.rank(n) for n in plan.groups)
-        a0 = self.lora_A[next(iter(plan.groups))]
-        zeros_a = a0.new_zeros(self.in_features, rank)
-        zeros_b = a0.new_zeros(rank, self.out_features)
-        a_rows = self._row_table(plan, routing, zeros_a, lambda n: F.pad(self.lora_A[n].T, (0, rank - self.rank(n))))
-        b_rows = self._row_table(
-            plan, routing, zeros_b, lambda n: F.pad(self._scaled_b(n).T, (0, 0, 0, rank - self.rank(n)))
-        )
-        return a_rows, b_rows
-
-    def _segments(self, plan: Plan) -> tuple[Tensor, list[tuple[int, int, Tensor, Tensor]]]:
-        order, segments, start = [], [], 0
+        like = self.lora_A[next(iter(plan.groups))]
+        zeros_a, zeros_b = like.new_zeros(self.in_features, rank), like.new_zeros(rank, self.out_features)
+        a_rows = self._row_table(plan, routing, zeros_a, lambda n: pad_rank(self.lora_A[n].T, rank, dim=1))
+        b_rows = self._row_table(plan, routing, zeros_b, lambda n: pad_rank(self.lora_B[n].T, rank, dim=0))
+        scales = [0.0] * routing.batch_size
         for name, rows in plan.groups.items():
-            order.extend(rows)
-            segments.append((start, start + len(rows), self.lora_A[name], self._scaled_b(name)))
-            start += len(rows)
-        return torch.tensor(order, device=plan.rows[name].device), segments
+            for row in rows:
+                scales[row] = self.scaling[name]
+        b_rows = b_rows * torch.tensor(scales, dtype=b_rows.dtype, device=b_rows.device).view(-1, 1, 1)
+        return lambda x, out: lowrank_bmm(x, out, a_rows, b_rows)
 
-    def _dropout(self, x: Tensor, plan: Plan, routing: Routing) -> Tensor:
+    def _dropout(self, plan: Plan, routing: Routing) -> Callable[[Tensor], Tensor] | None:
+        """Each row's adapter's dropout on the LoRA path's input (training only), or ``None``."""
         rates = {self.dropout[n] for n in plan.groups}
         if not self.training or rates == {0.0}:
-            return x
-        if len(rates) == 1 and len(plan.groups) == routing.batch_size:
-            return F.dropout(x, rates.pop(), training=True)
-        keep = x.new_ones(routing.batch_size, 1, 1)
+            return None
+        if len(rates) == 1 and sum(map(len, plan.groups.values())) == routing.batch_size:
+            rate = rates.pop()
+            return lambda x: F.dropout(x, rate, training=True)
+        keep = torch.ones(routing.batch_size, 1, 1, device=routing.device)
         for name, rows in plan.rows.items():
             keep[rows] = 1.0 - self.dropout[name]
-        return x * torch.bernoulli(keep.expand_as(x)) / keep
+        return lambda x: x * torch.bernoulli(keep.to(x.dtype).expand_as(x)) / keep.to(x.dtype)
 
-    def adjust_output(self, x: Tensor, out: Tensor, plan: Plan, routing: Routing) -> Tensor:
-        batch = routing.batch_size
-        x3 = self._dropout(x.reshape(batch, -1, self.in_features), plan, routing)
-        out3 = out.reshape(batch, -1, self.out_features)
-        runs = {
-            "bmm": lambda o: lowrank_bmm(x3, o, *plan.cached("bmm", lambda: self._bmm_rows(plan, routing))),
-            "loop": lambda o: lowrank_loop(x3, o, plan.cached("loop", lambda: self._loop_groups(plan))),
-            "segmented": lambda o: lowrank_segmented(x3, o, *plan.cached("seg", lambda: self._segments(plan))),
-        }
-        strategy = self.choose_strategy(plan, x3, {n: (lambda r=r: r(out3.clone())) for n, r in runs.items()})
-        return runs[strategy](out3).reshape(out.shape)
+    def output_step(self, plan, routing, x, base):
+        batch, features = routing.batch_size, (self.in_features, self.out_features)
+
+        def kernel(name: str):
+            return self.prepared(routing, name, lambda: self._kernel(name, plan, routing))
+
+        x3 = x.reshape(batch, -1, features[0])
+        sample_out = functools.cache(lambda: base(x).reshape(batch, -1, features[1]))
+        run = kernel(self.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3, sample_out().clone())))
+        dropout = self._dropout(plan, routing)
+        if dropout is None and x.dim() == 3:  # the usual [batch, tokens, features]: no reshapes
+            return run
+
+        def step(x: Tensor, out: Tensor) -> Tensor:
+            x3 = x.reshape(batch, -1, features[0])
+            if dropout is not None:
+                x3 = dropout(x3)
+            return run(x3, out.reshape(batch, -1, features[1])).reshape(out.shape)
+
+        return step
