@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from tqdm import tqdm
 
 from flora import AdapterModel, FloraConfig, LoraConfig, load_base
@@ -91,7 +90,12 @@ def main() -> None:
     base, tokenizer = load_base(args.model)
     ids = prompts(tokenizer, args.rows, args.prompt_tokens)
     mask = torch.ones_like(ids)
-    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    gen = dict(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
     model = AdapterModel(load_base(args.model)[0], tokenizer)
     most = max(distincts)
@@ -118,22 +122,58 @@ def main() -> None:
     for distinct in distincts:
         names = assignment(args.rows, distinct, "lora")
         for strategy in ("loop", "bmm", "segmented", "auto"):
-            record = {"system": "flora", "method": "lora", "strategy": strategy, "distinct_adapters": distinct, "rank": args.rank}
+            record = {
+                "system": "flora",
+                "method": "lora",
+                "strategy": strategy,
+                "distinct_adapters": distinct,
+                "rank": args.rank,
+            }
             cases.append(Case(record, flora_run(names, strategy)))
     for r in flora_ranks:
         lora_prefix = "lora" if r == args.rank and args.rows <= most else f"lora_r{r}_"
-        for method, prefix, strategy in (("flora", f"flora_r{r}_", "flora"), ("flora", f"flora_r{r}_", "auto"), ("lora", lora_prefix, "bmm")):
+        for method, prefix, strategy in (
+            ("flora", f"flora_r{r}_", "flora"),
+            ("flora", f"flora_r{r}_", "auto"),
+            ("lora", lora_prefix, "bmm"),
+        ):
             names = assignment(args.rows, args.rows, prefix)
-            record = {"system": "flora", "method": method, "strategy": strategy, "distinct_adapters": args.rows, "rank": r, "sweep": "rank"}
+            record = {
+                "system": "flora",
+                "method": method,
+                "strategy": strategy,
+                "distinct_adapters": args.rows,
+                "rank": r,
+                "sweep": "rank",
+            }
             cases.append(Case(record, flora_run(names, strategy)))
 
     if not args.skip_peft:
         peft_model = peft_with_adapters(model, args.model, most)
         for distinct in distincts:
             names = assignment(args.rows, distinct, "lora")
-            record = {"system": "peft_mixed", "method": "lora", "strategy": None, "distinct_adapters": distinct, "rank": args.rank}
-            cases.append(Case(record, lambda names=names: peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen)))
-            record = {"system": "peft_sequential", "method": "lora", "strategy": None, "distinct_adapters": distinct, "rank": args.rank}
+            record = {
+                "system": "peft_mixed",
+                "method": "lora",
+                "strategy": None,
+                "distinct_adapters": distinct,
+                "rank": args.rank,
+            }
+            cases.append(
+                Case(
+                    record,
+                    lambda names=names: peft_model.generate(
+                        input_ids=ids, attention_mask=mask, adapter_names=names, **gen
+                    ),
+                )
+            )
+            record = {
+                "system": "peft_sequential",
+                "method": "lora",
+                "strategy": None,
+                "distinct_adapters": distinct,
+                "rank": args.rank,
+            }
             cases.append(Case(record, lambda names=names: peft_sequential(peft_model, ids, mask, names, gen)))
 
     for case in tqdm(cases, desc="warm-up (and autotune)"):
@@ -171,7 +211,9 @@ def peft_with_adapters(model: AdapterModel, model_name: str, count: int) -> Peft
         for i in range(count):
             model.save_adapter(f"lora{i}", Path(tmp) / f"lora{i}")
             if peft_model is None:
-                peft_model = PeftModel.from_pretrained(load_base(model_name)[0], Path(tmp) / "lora0", adapter_name="lora0")
+                peft_model = PeftModel.from_pretrained(
+                    load_base(model_name)[0], Path(tmp) / "lora0", adapter_name="lora0"
+                )
             else:
                 peft_model.load_adapter(Path(tmp) / f"lora{i}", adapter_name=f"lora{i}")
     return peft_model.eval()
@@ -193,7 +235,9 @@ def summarize(records: list[dict], most: int) -> dict:
     peft = [r for r in records if r["system"] == "peft_mixed" and r["distinct_adapters"] == most]
     if peft:
         summary["flora_auto_vs_peft_mixed_16"] = round(auto["tokens_per_s"] / peft[0]["tokens_per_s"], 3)
-        summary["target_met"] = summary["flora_auto_ratio_to_base_16"] >= 0.85 and summary["flora_auto_vs_peft_mixed_16"] >= 3
+        summary["target_met"] = (
+            summary["flora_auto_ratio_to_base_16"] >= 0.85 and summary["flora_auto_vs_peft_mixed_16"] >= 3
+        )
     return summary
 
 

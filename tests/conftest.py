@@ -33,11 +33,17 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 # Per architecture: (LoRA targets of adapter a, LoRA targets of adapter b, IA3 targets, IA3 feed-forward).
+_LLAMA_LIKE = (
+    ["q_proj", "v_proj", "down_proj"],
+    ["k_proj", "o_proj", "gate_proj", "up_proj"],
+    ["k_proj", "v_proj", "down_proj"],
+    ["down_proj"],
+)
 TARGETS = {
-    "llama": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"], ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "llama": _LLAMA_LIKE,
     "gpt2": (["c_attn"], ["c_attn", "c_proj", "c_fc"], ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"], ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-}  # fmt: skip
+    "qwen2": _LLAMA_LIKE,
+}
 
 ARCHS = list(TARGETS)
 

@@ -61,7 +61,10 @@ def test_adapter_with_wrong_shapes_names_layer_and_shapes(model, tmp_path):
         tensors[key] = torch.zeros(tensor.shape[0], 64) if "lora_A" in key else tensor
     save_file(tensors, tmp_path / "x" / WEIGHTS_NAME)
     before = model.state_dict()
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj: lora_A\.weight has shape \(2, 64\).*needs \(2, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer model\.layers\.0\.self_attn\.q_proj: lora_A\.weight has shape \(2, 64\).*needs \(2, 32\)",
+    ):
         model.load_adapter(tmp_path / "x", adapter_name="wrong")
     assert model.list_adapters() == ["known", "other"]
     assert model.state_dict().keys() == before.keys()
@@ -71,7 +74,9 @@ def test_adapter_for_a_layer_the_base_lacks(model, tmp_path):
     gpt2 = AdapterModel(tiny_model("gpt2"))
     gpt2.add_adapter("g", LoraConfig(r=2, target_modules=["c_attn"]))
     gpt2.save_adapter("g", tmp_path / "g")
-    with pytest.raises(ValueError, match=r"layer 'transformer\.h\.0\.attn\.c_attn' is not a Linear/Conv1D layer.*another model"):
+    with pytest.raises(
+        ValueError, match=r"layer 'transformer\.h\.0\.attn\.c_attn' is not a Linear/Conv1D layer.*another model"
+    ):
         model.load_adapter(tmp_path / "g", adapter_name="g")
     assert model.list_adapters() == ["known", "other"]
 

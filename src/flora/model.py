@@ -178,14 +178,30 @@ class AdapterModel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(self, input_ids=None, attention_mask=None, adapter_names: Sequence[str | None] | None = None, **kwargs):
-        """The base model's forward, each row through its own adapter (``adapter_names[i]``)."""
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+        **kwargs,
+    ):
+        """The base model's forward (``[batch, tokens]`` in, its output with ``logits`` and, given
+        ``labels``, ``loss``), each row through its own adapter ``adapter_names[i]``."""
         batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
+        if labels is not None:
+            kwargs["labels"] = labels
         with self.routed(adapter_names, batch):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, adapter_names: Sequence[str | None] | None = None, **kwargs):
+    def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+        **kwargs,
+    ):
         """transformers' ``generate``, each row through its own adapter. Returns ``[batch, prompt + new]``."""
         batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
         if self.tokenizer is not None and "pad_token_id" not in kwargs:
@@ -279,7 +295,8 @@ class AdapterModel(nn.Module):
             if isinstance(module, AdaptedLayer):
                 yield name, module
             elif isinstance(module, ADAPTABLE) and not (
-                name.endswith(".base_layer") and isinstance(self.base_model.get_submodule(name[: -len(".base_layer")]), AdaptedLayer)
+                name.endswith(".base_layer")
+                and isinstance(self.base_model.get_submodule(name[: -len(".base_layer")]), AdaptedLayer)
             ):
                 yield name, module
 

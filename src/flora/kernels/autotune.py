@@ -21,9 +21,10 @@ def token_bucket(tokens: int) -> int:
 
 
 class Autotuner:
-    """Measures each candidate ``repeats`` times (after one warm-up) and remembers the fastest."""
+    """Times the candidates round-robin ``repeats`` times (after one warm-up call each), so a burst
+    of load on the machine hits them alike, and remembers the one with the best time."""
 
-    def __init__(self, repeats: int = 3) -> None:
+    def __init__(self, repeats: int = 5) -> None:
         self.repeats = repeats
         self.choices: dict[Hashable, str] = {}
 
@@ -31,18 +32,20 @@ class Autotuner:
         """The name of the fastest of ``candidates`` (callables without side effects) for ``key``."""
         choice = self.choices.get(key)
         if choice is None:
-            timings = {name: self._time(run) for name, run in candidates.items()}
-            choice = self.choices[key] = min(timings, key=timings.__getitem__)
+            best = dict.fromkeys(candidates, float("inf"))
+            with torch.no_grad():
+                for run in candidates.values():
+                    run()
+                for _ in range(self.repeats):
+                    for name, run in candidates.items():
+                        best[name] = min(best[name], _seconds(run))
+            choice = self.choices[key] = min(best, key=best.__getitem__)
         return choice
 
-    def _time(self, run: Callable[[], Tensor]) -> float:
-        with torch.no_grad():
-            run()
-            best = float("inf")
-            for _ in range(self.repeats):
-                start = time.perf_counter()
-                result = run()
-                if result.is_cuda:
-                    torch.cuda.synchronize(result.device)
-                best = min(best, time.perf_counter() - start)
-        return best
+
+def _seconds(run: Callable[[], Tensor]) -> float:
+    start = time.perf_counter()
+    result = run()
+    if result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - start

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def flora_elementwise(
-    x: Tensor, matmul: Callable[[Tensor], Tensor], b_rows: Tensor, a_rows: Tensor
-) -> Tensor:
+def flora_elementwise(x: Tensor, matmul: Callable[[Tensor], Tensor], b_rows: Tensor, a_rows: Tensor) -> Tensor:
     """The batched multiplicative form, without the bias.
 
     Args:

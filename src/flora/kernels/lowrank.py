@@ -32,9 +32,7 @@ def lowrank_bmm(x: Tensor, out: Tensor, a_rows: Tensor, b_rows: Tensor) -> Tenso
     return torch.baddbmm(out, torch.bmm(x, a_rows), b_rows)
 
 
-def lowrank_segmented(
-    x: Tensor, out: Tensor, order: Tensor, segments: list[tuple[int, int, Tensor, Tensor]]
-) -> Tensor:
+def lowrank_segmented(x: Tensor, out: Tensor, order: Tensor, segments: list[tuple[int, int, Tensor, Tensor]]) -> Tensor:
     """``order: [n]`` rows with an adapter, grouped by adapter; ``segments``: ``(start, stop, A, B)``
     slices of ``order`` that share one adapter. Updates ``out`` in place."""
     grouped = x.index_select(0, order)

@@ -55,8 +55,7 @@ class AdapterConfig:
             value = data.get(key, unused)
             if value not in (unused, None, [], {}, False) and value != unused:
                 raise ValueError(
-                    f"{source}: {cls.peft_type} option {key}={value!r} is not supported by flora "
-                    f"(expected {unused!r})"
+                    f"{source}: {cls.peft_type} option {key}={value!r} is not supported by flora (expected {unused!r})"
                 )
         names = {cls.peft_renames.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
         kwargs = {names[k]: v for k, v in data.items() if k in names}

@@ -99,7 +99,9 @@ class FloraBank(Bank):
         identity_a[0] = 1.0
         ones_b = like.new_ones(rank, self.in_features)
         b_rows = self._row_table(plan, routing, ones_b, lambda n: pad_rank(self.flora_B[n], rank, dim=0))
-        a_rows = self._row_table(plan, routing, identity_a, lambda n: pad_rank(self.flora_A[n] / self.rank(n), rank, dim=0))
+        a_rows = self._row_table(
+            plan, routing, identity_a, lambda n: pad_rank(self.flora_A[n] / self.rank(n), rank, dim=0)
+        )
         return lambda x: flora_elementwise(x, lambda t: F.linear(t, weight), b_rows, a_rows)
 
     def base_step(self, plan, routing, layer, x):

@@ -1,0 +1,54 @@
+"""The autotuner: picks the fastest candidate, measures once per key, and never changes results."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from conftest import batch, tiny_model
+
+from flora import AdapterModel, LoraConfig
+from flora.kernels.autotune import Autotuner, token_bucket
+
+
+def test_picks_the_fastest_and_measures_once_per_key():
+    calls = {"slow": 0, "fast": 0}
+
+    def candidate(name, pause):
+        def run():
+            calls[name] += 1
+            time.sleep(pause)
+            return torch.zeros(1)
+
+        return run
+
+    tuner = Autotuner(repeats=2)
+    candidates = {"slow": candidate("slow", 0.01), "fast": candidate("fast", 0.0)}
+    assert tuner.pick("k", candidates) == "fast"
+    assert calls == {"slow": 3, "fast": 3}
+    assert tuner.pick("k", candidates) == "fast"
+    assert calls == {"slow": 3, "fast": 3}
+
+
+def test_token_bucket():
+    assert [token_bucket(n) for n in (1, 2, 3, 32, 33)] == [1, 2, 4, 32, 64]
+
+
+def test_auto_records_one_choice_per_shape_and_equals_fixed_strategies():
+    model = AdapterModel(tiny_model("llama"))
+    for i in range(3):
+        model.add_adapter(f"a{i}", LoraConfig(r=2 + i))
+        with torch.no_grad():
+            for key, parameter in model.adapter_parameters(f"a{i}").items():
+                if "lora_B" in key:
+                    parameter.normal_(0, 0.3)
+    ids, mask = batch(rows=4)
+    names = ["a0", "a1", None, "a2"]
+    auto = model(ids, attention_mask=mask, adapter_names=names).logits
+    choices = dict(model.routing_state.tuner.choices)
+    assert choices and set(choices.values()) <= {"bmm", "loop", "segmented"}
+    model(ids, attention_mask=mask, adapter_names=names)
+    assert model.routing_state.tuner.choices == choices
+    for strategy in ("bmm", "loop", "segmented"):
+        model.strategy = strategy
+        assert (model(ids, attention_mask=mask, adapter_names=names).logits - auto).abs().max() <= 1e-5
