@@ -1,3 +1,4 @@
 """Imports every module that registers `flora` sub-commands (see `flora.cli.command`)."""
 
 from flora import cli_core  # noqa: F401
+from flora import cli_data  # noqa: F401

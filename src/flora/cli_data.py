@@ -1,0 +1,281 @@
+"""Data and evaluation sub-commands: ``flora tasks list|show|export`` and ``flora eval``.
+
+``flora eval`` evaluates a model (``smollm2-135m`` or a local transformers directory), with any
+number of adapters routed per task or category, on the built-in suite's held-out instances or
+on Super-NaturalInstructions / Alpaca / prompt-completion files; it prints a summary and the
+time, and writes ``--json`` (scores and settings) and ``--predictions`` (JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flora.cli import command
+from flora.data import suite as suite_module
+from flora.data.formats import detect_format, load_alpaca, load_prompt_completion, load_sni, read_task_names
+from flora.data.templates import (
+    TEMPLATE_NAMES,
+    Sample,
+    Template,
+    samples_from_alpaca,
+    samples_from_prompt_completion,
+    samples_from_tasks,
+)
+
+DEFAULT_EVAL_INSTANCES = 20
+
+
+@command
+def register(subparsers) -> None:
+    tasks = subparsers.add_parser("tasks", help="the built-in task suite: list, show or export it")
+    actions = tasks.add_subparsers(dest="tasks_command", required=True)
+    listing = actions.add_parser("list", help="every task with its category, metric and default split")
+    listing.set_defaults(func=_tasks_list)
+    show = actions.add_parser("show", help="one task: definition, examples and some held-out instances")
+    show.add_argument("name")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--instances", type=int, default=5, help="how many held-out instances to print")
+    show.add_argument("--json", action="store_true", help="print the task as Super-NaturalInstructions JSON")
+    show.set_defaults(func=_tasks_show)
+    export = actions.add_parser("export", help="write the suite as Super-NaturalInstructions files")
+    export.add_argument("directory")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--train", type=int, default=suite_module.DEFAULT_TRAIN, help="training instances per task")
+    export.add_argument("--heldout", type=int, default=suite_module.DEFAULT_HELDOUT, help="held-out instances per task")
+    export.add_argument("--tasks", help="comma-separated task names or categories (default: all)")
+    export.set_defaults(func=_tasks_export)
+
+    ev = subparsers.add_parser(
+        "eval",
+        help="evaluate a model (and adapters, routed per task) with ROUGE-L and exact match",
+        description="Greedy batched generation; each row uses the adapter routed to its task.",
+    )
+    ev.add_argument("--model", required=True, help="smollm2-135m or a local transformers directory")
+    ev.add_argument("--data", default="suite",
+                    help="'suite' (built-in, held-out instances), an SNI task file or directory, a directory "
+                         "written by `flora tasks export`, or an Alpaca / prompt-completion JSON(L) file")  # fmt: skip
+    ev.add_argument("--format", choices=("auto", "sni", "alpaca", "jsonl"), default="auto")
+    ev.add_argument("--split", help="split directory with train_tasks.txt / test_tasks.txt (seen / unseen tasks), "
+                                    "or one split file: evaluate only the tasks it names")  # fmt: skip
+    ev.add_argument("--tasks", help="comma-separated task names (or suite categories) to evaluate")
+    ev.add_argument("--suite-seed", type=int, default=0, help="seed of the built-in suite")
+    ev.add_argument("--max-instances", type=int, default=DEFAULT_EVAL_INSTANCES,
+                    help=f"instances per task (default {DEFAULT_EVAL_INSTANCES}; 0: all)")  # fmt: skip
+    ev.add_argument("--template", choices=TEMPLATE_NAMES, help="default: sni (alpaca / plain for those formats)")
+    ev.add_argument("--pos-examples", type=int, default=0, help="positive examples in the SNI prompt (k-shot)")
+    ev.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    ev.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="a PEFT adapter directory (repeatable); one alone, no --route: all rows")  # fmt: skip
+    ev.add_argument("--route", action="append", default=[], metavar="TASK_OR_CATEGORY=NAME",
+                    help="rows of this task or category use adapter NAME ('*' = the rest; NAME 'none' = base "
+                         "model); rows no route names use the base model")  # fmt: skip
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, help="fixed budget (default: per task, longest reference + margin)")
+    ev.add_argument("--new-token-margin", type=int, default=8)
+    ev.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--strategy", default="auto", help="per-row adapter strategy of flora.AdapterModel")
+    ev.add_argument("--json", dest="json_path", metavar="PATH", help="write scores and settings as JSON")
+    ev.add_argument("--predictions", metavar="PATH", help="write every prediction as JSONL")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
+
+
+# -- tasks --------------------------------------------------------------------------------------
+
+
+def _tasks_list(args) -> int:
+    train, _ = suite_module.default_split()
+    width = max(len(s.name) for s in suite_module.SPECS)
+    cat_width = max(len(c) for c in suite_module.CATEGORIES)
+    print(f"{'task':<{width}}  {'category':<{cat_width}}  {'metric':<11}  split")
+    for spec in suite_module.SPECS:
+        split = "train (seen)" if spec.name in train else "test (unseen)"
+        print(f"{spec.name:<{width}}  {spec.category:<{cat_width}}  {spec.metric:<11}  {split}")
+    print(f"{len(suite_module.SPECS)} tasks in {len(suite_module.CATEGORIES)} categories; "
+          f"unseen categories: {', '.join(suite_module.UNSEEN_CATEGORIES)}")  # fmt: skip
+    return 0
+
+
+def _tasks_show(args) -> int:
+    if args.name not in suite_module.SPEC_BY_NAME:
+        raise KeyError(f"unknown suite task {args.name!r} (see `flora tasks list`)")
+    spec = suite_module.SPEC_BY_NAME[args.name]
+    _, heldout = suite_module.generate_task(spec, args.seed, n_train=0, n_heldout=max(args.instances, 0))
+    if args.json:
+        print(json.dumps(heldout.to_json(), indent=1, ensure_ascii=False))
+        return 0
+    train, _ = suite_module.default_split()
+    print(f"{spec.name}  [{spec.category}; {spec.metric}; {'seen' if spec.name in train else 'unseen'}]")
+    print(f"Definition: {spec.definition}")
+    for index, example in enumerate(heldout.positive_examples, start=1):
+        print(f"Positive example {index}: {example.input!r} -> {example.output!r}")
+    for example in heldout.negative_examples:
+        print(f"Negative example: {example.input!r} -> {example.output!r} ({example.explanation})")
+    for instance in heldout.instances:
+        print(f"{instance.id}: {instance.input!r} -> {list(instance.references)!r}")
+    return 0
+
+
+def _split_names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _tasks_export(args) -> int:
+    suite = suite_module.build_suite(args.seed, args.train, args.heldout, _split_names(args.tasks))
+    directory = suite.export(args.directory)
+    print(f"wrote {len(suite.train)} tasks ({args.train} training + {args.heldout} held-out instances each) "
+          f"and the default split to {directory}")  # fmt: skip
+    return 0
+
+
+# -- eval ---------------------------------------------------------------------------------------
+
+
+def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, name = value.partition("=")
+        if not sep or not key or not name:
+            raise ValueError(f"{what} {value!r}: expected KEY=VALUE")
+        pairs[key] = name
+    return pairs
+
+
+def _parse_adapters(values: list[str]) -> dict[str, str]:
+    adapters = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name, value
+        if not name or not path:
+            raise ValueError(f"--adapter {value!r}: expected NAME=PATH or PATH")
+        if name in adapters:
+            raise ValueError(f"--adapter: the name {name!r} is given twice")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--adapter {value!r}: {path!r} is not a directory (expected a PEFT adapter)")
+        adapters[name] = path
+    return adapters
+
+
+def _split_dir(path: Path) -> tuple[list[str] | None, list[str] | None]:
+    train = path / "train_tasks.txt"
+    test = path / "test_tasks.txt"
+    if not train.is_file() and not test.is_file():
+        raise FileNotFoundError(f"split directory {str(path)!r} has neither train_tasks.txt nor test_tasks.txt")
+    return (read_task_names(train) if train.is_file() else None, read_task_names(test) if test.is_file() else None)
+
+
+def load_eval_samples(args) -> tuple[list[Sample], list[str] | None, dict[str, Any], str]:
+    """``(samples, seen tasks or None, data settings, default template name)`` for ``flora eval``."""
+    limit = args.max_instances if args.max_instances and args.max_instances > 0 else None
+    wanted = _split_names(args.tasks)
+    if args.data == "suite":
+        suite = suite_module.build_suite(args.suite_seed, n_train=0, n_heldout=limit or 100, tasks=wanted)
+        samples = samples_from_tasks(suite.heldout, limit)
+        info = {"data": "built-in suite (held-out instances)", "suite_seed": args.suite_seed}
+        return samples, suite.train_tasks, info, "sni"
+    path = Path(args.data)
+    split: Path | None = Path(args.split) if args.split else None
+    if path.is_dir() and (path / "suite.json").is_file() and (path / "heldout").is_dir():
+        split = split or path / "splits" / "default"
+        path = path / "heldout"
+    fmt = detect_format(path) if args.format == "auto" else args.format
+    info: dict[str, Any] = {"data": str(Path(args.data)), "format": fmt}
+    if fmt != "sni":
+        if split is not None:
+            raise ValueError(f"--split applies to Super-NaturalInstructions data, not {fmt!r}")
+        if fmt == "alpaca":
+            samples = samples_from_alpaca(load_alpaca(path), Path(path).stem)
+        else:
+            samples = samples_from_prompt_completion(load_prompt_completion(path), Path(path).stem)
+        if wanted:
+            raise ValueError(f"--tasks applies to Super-NaturalInstructions data, not {fmt!r}")
+        return samples[:limit] if limit else samples, None, info, "alpaca" if fmt == "alpaca" else "plain"
+    seen: list[str] | None = None
+    names: list[str] | None = None
+    if split is not None:
+        info["split"] = str(split)
+        if split.is_dir():
+            train, test = _split_dir(split)
+            seen = train
+            names = [*(train or []), *(test or [])]
+        else:
+            names = read_task_names(split)
+    if wanted:
+        missing = [n for n in wanted if names is not None and n not in names]
+        if missing:
+            raise KeyError(f"--tasks {', '.join(map(repr, missing))}: not in the split {str(split)!r}")
+        names = wanted
+    tasks = load_sni(path, names)
+    return samples_from_tasks(tasks, limit), seen, info, "sni"
+
+
+def _eval(args) -> int:
+    started = time.perf_counter()
+    adapters = _parse_adapters(args.adapter)
+    routes = _parse_pairs(args.route, "--route")
+    for key, name in routes.items():
+        if name not in adapters and name.lower() not in ("none", "__base__", "base"):
+            given = ", ".join(adapters) or "none"
+            raise KeyError(f"--route {key}={name}: no --adapter named {name!r} (given: {given})")
+    if len(adapters) > 1 and not routes:
+        raise ValueError(
+            f"{len(adapters)} adapters given but no --route: say which tasks or categories use which "
+            f"(--route TASK_OR_CATEGORY=NAME, '*' for the rest)"
+        )
+    default = next(iter(adapters)) if len(adapters) == 1 and not routes else None
+    samples, seen, data_info, default_template = load_eval_samples(args)
+    if not samples:
+        raise ValueError(f"no instances to evaluate in {args.data!r}")
+    if args.pos_examples < 0:
+        raise ValueError(f"--pos-examples {args.pos_examples}: expected a number >= 0")
+    template = Template(args.template or default_template, args.pos_examples, args.chat)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected a number >= 1")
+
+    import torch
+
+    from flora import AdapterModel
+    from flora.evaluate import evaluate
+
+    dtype = getattr(torch, args.dtype)
+    model = AdapterModel.from_pretrained(args.model, dtype=dtype, device=args.device, strategy=args.strategy)
+    loaded = time.perf_counter()
+    result = evaluate(
+        model, samples, model.tokenizer,
+        template=template, adapters=adapters, routes=routes or None, adapter=default, seen_tasks=seen,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, new_token_margin=args.new_token_margin,
+        progress=not args.no_progress,
+        settings={"model": args.model, "dtype": args.dtype, "max_instances_per_task": args.max_instances,
+                  "strategy": args.strategy, **data_info},
+    )  # fmt: skip
+    total = time.perf_counter() - started
+    result.settings["model_load_s"] = round(loaded - started, 3)
+    result.settings["total_time_s"] = round(total, 3)
+    _print_summary(result.scores)
+    print(f"time: {total:.1f} s in all ({result.time_s:.1f} s generating {len(samples)} instances, "
+          f"{len(samples) / max(result.time_s, 1e-9):.2f} instances/s)")  # fmt: skip
+    if args.json_path:
+        print(f"scores and settings: {result.write_json(args.json_path)}")
+    if args.predictions:
+        print(f"predictions: {result.write_predictions(args.predictions)}")
+    return 0
+
+
+def _line(label: str, scores: dict[str, Any]) -> str:
+    return f"{label:<28} exact_match {scores['exact_match']:7.2f}   rougeL {scores['rougeL']:7.2f}   n {scores['n']}"
+
+
+def _print_summary(scores: dict[str, Any]) -> None:
+    for label in ("overall", "seen", "unseen"):
+        if label in scores:
+            print(_line(label, scores[label]))
+    for category, values in scores["categories"].items():
+        print(_line(f"  {category}", values))
+    if len(scores["adapters"]) > 1:
+        for name, values in scores["adapters"].items():
+            print(_line(f"  adapter {name}", values))
