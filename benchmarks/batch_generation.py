@@ -18,56 +18,14 @@ Every record has ``tokens_per_s`` (median over rounds) and ``ratio_to_base``. Us
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from harness import Case, assignment, measure, randomize, token_rows, write_json
 from peft import PeftModel
-from tqdm import tqdm
 
 from flora import AdapterModel, FloraConfig, LoraConfig, load_base
-from flora.io import atomic_write
-
-TEXT = (
-    "The history of adapters in machine learning begins with small bottleneck layers inserted into "
-    "large networks so that one frozen model could serve many tasks. Low-rank adaptation replaced the "
-    "bottleneck with a pair of thin matrices whose product is added to a frozen weight, and serving "
-    "systems learned to batch requests that use different adapters on the same base model. "
-)
-
-
-@dataclass
-class Case:
-    """One measured system: ``run()`` generates for the whole batch."""
-
-    record: dict
-    run: Callable[[], torch.Tensor]
-    seconds: list[float] = field(default_factory=list)
-
-
-def prompts(tokenizer, rows: int, length: int) -> torch.Tensor:
-    ids = tokenizer(TEXT * 4).input_ids
-    return torch.tensor([ids[7 * row : 7 * row + length] for row in range(rows)])
-
-
-def randomize(parameters: dict[str, torch.Tensor], seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, parameter in parameters.items():
-            if "lora_B" in key:
-                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
-            elif "flora" in key:
-                parameter.copy_(1 + 0.05 * torch.randn(parameter.shape, generator=generator))
-
-
-def assignment(rows: int, distinct: int, prefix: str) -> list[str]:
-    """Row i uses adapter ``i % distinct``: every adapter appears, rows interleaved."""
-    return [f"{prefix}{row % distinct}" for row in range(rows)]
 
 
 def main() -> None:
@@ -88,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     base, tokenizer = load_base(args.model)
-    ids = prompts(tokenizer, args.rows, args.prompt_tokens)
+    ids = token_rows(tokenizer, args.rows, args.prompt_tokens)
     mask = torch.ones_like(ids)
     gen = dict(
         max_new_tokens=args.new_tokens,
@@ -176,32 +134,24 @@ def main() -> None:
             }
             cases.append(Case(record, lambda names=names: peft_sequential(peft_model, ids, mask, names, gen)))
 
-    for case in tqdm(cases, desc="warm-up (and autotune)"):
-        case.run()
-    for _ in tqdm(range(args.rounds), desc="rounds"):
-        for case in cases:
-            start = time.perf_counter()
-            case.run()
-            case.seconds.append(time.perf_counter() - start)
+    measure(cases, args.rounds)
 
     tokens = args.rows * args.new_tokens
-    base_tps = tokens / statistics.median(cases[0].seconds)
+    base_tps = tokens / cases[0].median_s
     records = []
     for case in cases:
-        tps = tokens / statistics.median(case.seconds)
+        tps = tokens / case.median_s
         records.append({**case.record, "tokens_per_s": round(tps, 2), "ratio_to_base": round(tps / base_tps, 4),
                         "seconds": [round(s, 4) for s in case.seconds]})  # fmt: skip
     summary = summarize(records, most)
     print_table(records, summary)
     if args.json:
         result = {
-            "benchmark": "batch_generation", "model": args.model, "rows": args.rows, "prompt_tokens": args.prompt_tokens,
-            "new_tokens": args.new_tokens, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
-            "records": records, "summary": summary,
+            "benchmark": "batch_generation", "model": args.model, "rows": args.rows,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "records": records, "summary": summary,
         }  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
 
 
 def peft_with_adapters(model: AdapterModel, model_name: str, count: int) -> PeftModel:
@@ -248,7 +198,7 @@ def print_table(records: list[dict], summary: dict) -> None:
     for r in records:
         print(f"{r['system']:<16}{r['method'] or '-':<7}{r['strategy'] or '-':<10}{r['distinct_adapters']:>9}"
               f"{r['rank'] or '-':>6}{r['tokens_per_s']:>11.1f}{r['ratio_to_base']:>9.3f}")  # fmt: skip
-    print(json.dumps(summary))
+    print(summary)
 
 
 if __name__ == "__main__":

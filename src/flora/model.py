@@ -170,6 +170,8 @@ class AdapterModel(nn.Module):
                 base = layer.base_layer
                 for bank in layer.banks.values():
                     if adapter_name in bank.adapters():
+                        if bank.merge_adds_bias and base.bias is None:
+                            base.bias = nn.Parameter(base.weight.new_zeros(layer.out_features))
                         bank.merge_into(adapter_name, weight_out_in(base), base.bias)
                 merged.set_submodule(module, base)
         for parameter in merged.parameters():

@@ -4,6 +4,8 @@
 """
 
 from flora.methods.base import AdapterConfig, Bank
+from flora.methods.bitfit import BitFitBank, BitFitConfig
+from flora.methods.bottleneck import BottleneckBank, BottleneckConfig
 from flora.methods.flora import FloraBank, FloraConfig
 from flora.methods.ia3 import Ia3Bank, Ia3Config
 from flora.methods.lora import LoraBank, LoraConfig
@@ -12,6 +14,8 @@ METHODS: dict[str, tuple[type[AdapterConfig], type[Bank]]] = {
     "LORA": (LoraConfig, LoraBank),
     "FLORA": (FloraConfig, FloraBank),
     "IA3": (Ia3Config, Ia3Bank),
+    "BITFIT": (BitFitConfig, BitFitBank),
+    "BOTTLENECK": (BottleneckConfig, BottleneckBank),
 }
 
 
@@ -26,6 +30,6 @@ def method_for(peft_type: str, source: str = "adapter_config.json") -> tuple[typ
 
 
 __all__ = [
-    "METHODS", "AdapterConfig", "Bank", "FloraBank", "FloraConfig", "Ia3Bank", "Ia3Config",
-    "LoraBank", "LoraConfig", "method_for",
+    "METHODS", "AdapterConfig", "Bank", "BitFitBank", "BitFitConfig", "BottleneckBank", "BottleneckConfig",
+    "FloraBank", "FloraConfig", "Ia3Bank", "Ia3Config", "LoraBank", "LoraConfig", "method_for",
 ]  # fmt: skip

@@ -125,6 +125,9 @@ class Bank(nn.Module):
     strategies: ClassVar[tuple[str, ...]]
     param_names: ClassVar[tuple[str, ...]]
     replaces_base: ClassVar[bool] = False
+    # Whether `merge_into` adds to the bias: `AdapterModel.merge_adapter` then gives a bias-less
+    # base layer a zero bias first (BitFit).
+    merge_adds_bias: ClassVar[bool] = False
 
     def __init__(self, in_features: int, out_features: int, state: RoutingState) -> None:
         super().__init__()

@@ -78,7 +78,7 @@ class Ia3Bank(Bank):
         if not names:
             return None
         size = self.in_features if feedforward else self.out_features
-        sub = Plan({n: plan.groups[n] for n in names}, {n: plan.rows[n] for n in names})
+        sub = Plan({n: plan.groups[n] for n in names}, plan.device)
         like = self.ia3_l[names[0]]
         scales = self._row_table(sub, routing, like.new_ones(size), lambda n: self.ia3_l[n].flatten()).unsqueeze(1)
         batch = routing.batch_size

@@ -1,0 +1,78 @@
+"""What the benchmark scripts share: inputs, random adapters, interleaved timing and the JSON file.
+
+Every system of a run is timed round by round, interleaved (round 1 of every system, then round
+2, ...), so machine noise hits each alike; a figure is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flora.io import atomic_write
+
+TEXT = (
+    "The history of adapters in machine learning begins with small bottleneck layers inserted into "
+    "large networks so that one frozen model could serve many tasks. Low-rank adaptation replaced the "
+    "bottleneck with a pair of thin matrices whose product is added to a frozen weight, and serving "
+    "systems learned to batch requests that use different adapters on the same base model. "
+)
+
+
+@dataclass
+class Case:
+    """One measured system: ``run()`` does one unit of work (a generate call, a training step)."""
+
+    record: dict
+    run: Callable[[], object]
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def token_rows(tokenizer, rows: int, length: int) -> torch.Tensor:
+    """``[rows, length]`` ids of English text, each row a different window."""
+    ids = tokenizer(TEXT * 6).input_ids
+    return torch.tensor([ids[7 * row : 7 * row + length] for row in range(rows)])
+
+
+def randomize(parameters: dict[str, torch.Tensor], seed: int) -> None:
+    """Give a fresh adapter random, non-identity values (LoRA ``B``, FLoRA's factors)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, parameter in parameters.items():
+            if "lora_B" in key:
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+            elif "flora" in key:
+                parameter.copy_(1 + 0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def assignment(rows: int, distinct: int, prefix: str) -> list[str]:
+    """Row i uses adapter ``prefix + str(i % distinct)``: every adapter appears, rows interleaved."""
+    return [f"{prefix}{row % distinct}" for row in range(rows)]
+
+
+def measure(cases: list[Case], rounds: int) -> None:
+    """One warm-up call per case (it also autotunes), then ``rounds`` interleaved timed rounds."""
+    for case in tqdm(cases, desc="warm-up (and autotune)"):
+        case.run()
+    for _ in tqdm(range(rounds), desc="rounds"):
+        for case in cases:
+            start = time.perf_counter()
+            case.run()
+            case.seconds.append(time.perf_counter() - start)
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    print(f"wrote {path}")

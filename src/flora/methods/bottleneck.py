@@ -1,0 +1,239 @@
+"""Bottleneck adapters (Houlsby et al., ICML 2019, arXiv 1902.00751; Pfeiffer et al., EACL 2021,
+"AdapterFusion", arXiv 2005.00247) as a bank of per-row adapters.
+
+A small two-layer network added to the *output* ``y = x W0ᵀ + b0`` of a targeted layer, with a
+residual connection. For an adapter ``W_down: [size, out]``, ``W_up: [out, size]`` and its
+activation ``σ`` (``relu``, the default as in the adapters library, ``gelu`` or ``silu``):
+
+    y'_i = y_i + σ(y_i W_downᵀ) W_upᵀ
+
+(no biases in the two projections). ``W_down`` is Kaiming-uniform, ``W_up`` zero, so a new adapter
+is exactly the identity. Rows without an adapter are left as they are.
+
+Placement (``style``, used when ``target_modules`` is ``None``): ``"houlsby"`` adapts the attention
+output projection and the feed-forward output projection of every block, ``"pfeiffer"`` only the
+feed-forward output projection. The layers are found by name (`ATTENTION_OUTPUTS`,
+`FEEDFORWARD_OUTPUTS`): Llama/Qwen2/Mistral ``o_proj`` and ``down_proj``, GPT-2 ``attn.c_proj``
+and ``mlp.c_proj``, and the usual names of other families. The adapter sits right after the
+projection, before the block's residual addition, as in Houlsby's figure; Pfeiffer's extra
+residual/LayerNorm rearrangement inside the adapter is not modelled.
+
+A nonlinear adapter cannot be folded into ``W0``: `merge_into` raises.
+
+Saved in PEFT's layout with flora's own ``peft_type = "BOTTLENECK"``: per module
+``base_model.model.<module>.bottleneck_down.weight: [size, out]`` and
+``base_model.model.<module>.bottleneck_up.weight: [out, size]``.
+
+Strategies (all compute the same function; ``h`` is ``[rows, tokens, size]``):
+
+- ``bmm`` (default): every row's ``W_downᵀ`` / ``W_upᵀ`` gathered into ``[batch, out, size]`` /
+  ``[batch, size, out]`` (sizes zero-padded to the largest, zeros for rows without an adapter; all
+  supported activations map 0 to 0), two batched matmuls for the whole batch.
+- ``loop``: per distinct adapter, gather its rows, two matmuls, scatter-add back.
+- ``segmented``: rows sorted by adapter once, one matmul pair per contiguous segment, one scatter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flora.methods.base import AdapterConfig, Bank, Plan, name_matches, pad_rank
+from flora.routing import Routing
+
+STYLES = ("houlsby", "pfeiffer")
+# Activations by name; each maps 0 to 0, which the padded ``bmm`` strategy relies on.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
+# Module-name suffixes of the attention and feed-forward output projections of common architectures.
+ATTENTION_OUTPUTS = (
+    "o_proj",  # Llama, Qwen2, Mistral, Gemma, Phi-3
+    "attn.c_proj",  # GPT-2
+    "attn.out_proj",  # GPT-J
+    "self_attn.out_proj",  # OPT
+    "attention.out_proj",  # GPT-Neo
+    "self_attn.dense",  # Phi
+    "attention.dense",  # GPT-NeoX
+    "self_attention.dense",  # Falcon, BLOOM
+)
+FEEDFORWARD_OUTPUTS = (
+    "down_proj",  # Llama, Qwen2, Mistral, Gemma, Phi-3
+    "mlp.c_proj",  # GPT-2, GPT-Neo
+    "mlp.fc_out",  # GPT-J
+    "fc2",  # OPT, Phi
+    "dense_4h_to_h",  # GPT-NeoX, Falcon, BLOOM
+)
+
+
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    """Bottleneck adapter hyperparameters.
+
+    Args:
+        size: the bottleneck width (``W_down: [size, out]``), an integer >= 1.
+        style: ``"houlsby"`` (attention and feed-forward outputs) or ``"pfeiffer"`` (feed-forward
+            output only); decides the targets when ``target_modules`` is ``None``.
+        non_linearity: ``"relu"`` (default), ``"gelu"`` or ``"silu"`` (alias ``"swish"``).
+        target_modules: ``None`` for the style's default placement, else as for every method.
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK"
+    target_modules: list[str] | str | None = None
+    size: int = 64
+    style: str = "houlsby"
+    non_linearity: str = "relu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"bottleneck size={self.size!r} is invalid (expected an integer >= 1)")
+        if self.style not in STYLES:
+            raise ValueError(f"bottleneck style={self.style!r} is unknown (expected one of {', '.join(STYLES)})")
+        if self.non_linearity not in ACTIVATIONS:
+            raise ValueError(
+                f"bottleneck non_linearity={self.non_linearity!r} is unknown (expected one of {', '.join(ACTIVATIONS)})"
+            )
+
+    def default_targets(self) -> tuple[str, ...]:
+        """The module-name suffixes adapted when ``target_modules`` is ``None``."""
+        return FEEDFORWARD_OUTPUTS if self.style == "pfeiffer" else ATTENTION_OUTPUTS + FEEDFORWARD_OUTPUTS
+
+    def targets(self, module_name: str, is_output_layer: bool) -> bool:
+        if self.target_modules is not None:
+            return super().targets(module_name, is_output_layer)
+        if self.exclude_modules is not None and name_matches(module_name, self.exclude_modules):
+            return False
+        return not is_output_layer and name_matches(module_name, list(self.default_targets()))
+
+    @classmethod
+    def from_peft_dict(cls, data, source: str = "adapter_config.json") -> BottleneckConfig:
+        """As for every method, but ``target_modules: null`` (the style's placement) is allowed."""
+        if data.get("target_modules") is not None:
+            return super().from_peft_dict(data, source)
+        config = super().from_peft_dict({**data, "target_modules": []}, source)
+        config.target_modules = None
+        return config
+
+
+def bottleneck_delta(y: Tensor, down: Tensor, up: Tensor, activation: Callable[[Tensor], Tensor]) -> Tensor:
+    """``σ(y W_downᵀ) W_upᵀ`` for ``y: [..., out]``, ``down: [size, out]``, ``up: [out, size]``."""
+    return activation(y @ down.T) @ up.T
+
+
+class BottleneckBank(Bank):
+    method = "bottleneck"
+    strategies = ("bmm", "loop", "segmented")
+    param_names = ("bottleneck_down.weight", "bottleneck_up.weight")
+
+    def __init__(self, in_features, out_features, state) -> None:
+        super().__init__(in_features, out_features, state)
+        self.bottleneck_down = nn.ParameterDict()
+        self.bottleneck_up = nn.ParameterDict()
+        self.non_linearity: dict[str, str] = {}
+
+    def adapters(self) -> list[str]:
+        return list(self.bottleneck_down.keys())
+
+    def rank(self, name: str) -> int:
+        return self.bottleneck_down[name].shape[0]
+
+    def add(self, name, config: BottleneckConfig, module_name, weights, like) -> None:
+        if weights is None:
+            size = config.size
+            down = torch.empty(size, self.out_features)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            up = torch.zeros(self.out_features, size)
+        else:
+            down, up = weights["bottleneck_down.weight"], weights["bottleneck_up.weight"]
+            size = down.shape[0] if down.dim() == 2 else -1
+            self._check_shape(name, module_name, "bottleneck_down.weight", down, (size, self.out_features))
+            self._check_shape(name, module_name, "bottleneck_up.weight", up, (self.out_features, size))
+        self.bottleneck_down[name] = nn.Parameter(down.to(like))
+        self.bottleneck_up[name] = nn.Parameter(up.to(like))
+        self.non_linearity[name] = config.non_linearity
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        self.non_linearity.pop(name, None)
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        return {"bottleneck_down.weight": self.bottleneck_down[name], "bottleneck_up.weight": self.bottleneck_up[name]}
+
+    def merge_into(self, name: str, weight_oi: Tensor, bias: Tensor | None) -> None:
+        raise ValueError(
+            f"bottleneck adapter {name!r} cannot be merged into the base weights: y + W_up σ(W_down y) is "
+            f"nonlinear in y (serve it unmerged through AdapterModel)"
+        )
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _activation(self, name: str) -> Callable[[Tensor], Tensor]:
+        return ACTIVATIONS[self.non_linearity[name]]
+
+    def _kernel(self, strategy: str, plan: Plan, routing: Routing) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(x, out: [batch, tokens, out]) -> out + delta`` for ``strategy`` (``x`` is unused: the
+        adapter reads the base output). ``loop`` and ``segmented`` update ``out`` in place."""
+        if strategy == "loop":
+            groups = [
+                (plan.rows[n], self.bottleneck_down[n], self.bottleneck_up[n], self._activation(n)) for n in plan.groups
+            ]
+
+            def loop(x: Tensor, out: Tensor) -> Tensor:
+                deltas = [(rows, bottleneck_delta(out.index_select(0, rows), *rest)) for rows, *rest in groups]
+                for rows, delta in deltas:
+                    out.index_add_(0, rows, delta)
+                return out
+
+            return loop
+        if strategy == "segmented":
+            order, segments, start = [], [], 0
+            for name, rows in plan.groups.items():
+                order.extend(rows)
+                weights = (self.bottleneck_down[name], self.bottleneck_up[name], self._activation(name))
+                segments.append((start, start + len(rows), *weights))
+                start += len(rows)
+            order_t = torch.tensor(order, device=routing.device)
+
+            def segmented(x: Tensor, out: Tensor) -> Tensor:
+                grouped = out.index_select(0, order_t)
+                delta = torch.cat([bottleneck_delta(grouped[s:e], *rest) for s, e, *rest in segments])
+                return out.index_add_(0, order_t, delta)
+
+            return segmented
+        size = max(self.rank(n) for n in plan.groups)
+        like = self.bottleneck_down[next(iter(plan.groups))]
+        zeros_down, zeros_up = like.new_zeros(self.out_features, size), like.new_zeros(size, self.out_features)
+        down_rows = self._row_table(plan, routing, zeros_down, lambda n: pad_rank(self.bottleneck_down[n].T, size, 1))
+        up_rows = self._row_table(plan, routing, zeros_up, lambda n: pad_rank(self.bottleneck_up[n].T, size, 0))
+        by_activation: dict[str, list[int]] = {}
+        for name, rows in plan.groups.items():
+            by_activation.setdefault(self.non_linearity[name], []).extend(rows)
+        if len({ACTIVATIONS[a] for a in by_activation}) == 1:
+            activation = ACTIVATIONS[next(iter(by_activation))]
+        else:  # rows of different activations: each applied where its rows are (other rows stay 0)
+            masks = []
+            for act, rows in by_activation.items():
+                mask = torch.zeros(routing.batch_size, 1, 1, dtype=torch.bool, device=like.device)
+                mask[rows] = True
+                masks.append((mask, ACTIVATIONS[act]))
+
+            def activation(h: Tensor) -> Tensor:
+                return functools.reduce(lambda h, mask_act: torch.where(mask_act[0], mask_act[1](h), h), masks, h)
+
+        return lambda x, out: torch.baddbmm(out, activation(torch.bmm(out, down_rows)), up_rows)
+
+    def output_step(self, plan, routing, x, base):
+        batch, size = routing.batch_size, self.out_features
+
+        def kernel(name: str):
+            return self.prepared(routing, name, lambda: self._kernel(name, plan, routing))
+
+        x3 = x.reshape(batch, -1, self.in_features)
+        sample_out = functools.cache(lambda: base(x).reshape(batch, -1, size))
+        run = kernel(self.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3, sample_out().clone())))
+        return lambda x, out: run(x, out.reshape(batch, -1, size)).reshape(out.shape)
