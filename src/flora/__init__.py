@@ -8,7 +8,12 @@ ids = model.generate(input_ids, attention_mask=mask, adapter_names=["x", None], 
 
 from flora.base import load_base
 from flora.methods import BitFitConfig, BottleneckConfig, FloraConfig, Ia3Config, LoraConfig
+from flora.methods.prefix import PrefixTuningConfig
+from flora.methods.prompt import PromptTuningConfig
 from flora.model import AdapterModel
 
-__all__ = ["AdapterModel", "BitFitConfig", "BottleneckConfig", "FloraConfig", "Ia3Config", "LoraConfig", "load_base"]
+__all__ = [
+    "AdapterModel", "BitFitConfig", "BottleneckConfig", "FloraConfig", "Ia3Config", "LoraConfig",
+    "PrefixTuningConfig", "PromptTuningConfig", "load_base",
+]  # fmt: skip
 __version__ = "0.1.0"

@@ -4,6 +4,10 @@ Adapters of any supported method, rank and set of target modules live side by si
 or `generate` call takes ``adapter_names`` (one per row, ``None`` or ``"__base__"`` for the bare
 base model) and runs the whole mixed batch at once. Names follow Hugging Face PEFT
 (`add_adapter`, `load_adapter`, `delete_adapter`, `set_adapter`, ``adapter_names=``).
+
+Layer adapters (LoRA, IA3, ...) live in banks inside the wrapped Linear/Conv1D layers; virtual-token
+adapters (prompt and prefix tuning) live in `self.virtual_tokens` (`flora.virtual_tokens`), which
+adds each row's soft prompt or attention prefix to the inputs of forward and generate.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from flora.kernels.autotune import Autotuner
 from flora.layer import ADAPTABLE, AdaptedLayer, weight_out_in
 from flora.methods import METHODS, AdapterConfig, method_for
 from flora.methods.base import ADAPTER_NAME
+from flora.methods.prompt import PromptLearningConfig
 from flora.routing import Routing, RoutingState
+from flora.virtual_tokens import VIRTUAL_METHODS, VirtualTokens, virtual_config_class
 
 BASE_NAME = "__base__"
 STRATEGIES = ("auto", "bmm", "loop", "segmented", "flora")
@@ -53,10 +59,11 @@ class AdapterModel(nn.Module):
         self.routing_state = RoutingState()
         self.routing_state.tuner = Autotuner()
         self.strategy = strategy
-        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.adapter_configs: dict[str, AdapterConfig | PromptLearningConfig] = {}
         self.active_adapter: str | None = None
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
+        self.virtual_tokens = VirtualTokens()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=torch.float32, device="cpu", **kwargs):
@@ -87,9 +94,13 @@ class AdapterModel(nn.Module):
     def list_adapters(self) -> list[str]:
         return list(self.adapter_configs)
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """A new, freshly initialised adapter (LoRA: ``B = 0``; FLoRA, IA3: ones: the identity)."""
+    def add_adapter(self, adapter_name: str, config: AdapterConfig | PromptLearningConfig) -> None:
+        """A new, freshly initialised adapter (LoRA: ``B = 0``; FLoRA, IA3: ones: the identity; prompt and
+        prefix tuning: ``config``'s init)."""
         self._check_new_name(adapter_name)
+        if isinstance(config, PromptLearningConfig):
+            self._install_virtual(adapter_name, config, None)
+            return
         targets = [name for name, _ in self._adaptable_modules() if config.targets(name, self._is_output(name))]
         if not targets:
             raise ValueError(
@@ -103,6 +114,15 @@ class AdapterModel(nn.Module):
         self._check_new_name(adapter_name)
         data, tensors = read_adapter_dir(path)
         source = str(Path(path) / "adapter_config.json")
+        virtual = virtual_config_class(data["peft_type"])
+        if virtual is not None:
+            self._install_virtual(adapter_name, virtual.from_peft_dict(data, source), tensors)
+            return adapter_name
+        if str(data["peft_type"]).upper() not in METHODS:
+            raise ValueError(
+                f"{source}: peft_type {data['peft_type']!r} is not supported (expected one of "
+                f"{', '.join([*METHODS, *VIRTUAL_METHODS])})"
+            )
         config_class, bank_class = method_for(data["peft_type"], source)
         config = config_class.from_peft_dict(data, source)
         weights: dict[str, dict[str, Tensor]] = {}
@@ -132,6 +152,8 @@ class AdapterModel(nn.Module):
             if adapter_name in bank.adapters()
             for param, tensor in bank.adapter_state(adapter_name).items()
         }
+        if self.virtual_tokens.holds(adapter_name):  # PEFT's key, without a module prefix
+            tensors = self.virtual_tokens.adapter_state(adapter_name)
         data = config.to_peft_dict()
         data["base_model_name_or_path"] = config.base_model_name_or_path or getattr(
             self.base_model.config, "_name_or_path", None
@@ -151,8 +173,12 @@ class AdapterModel(nn.Module):
         self.active_adapter = None if adapter_name == BASE_NAME else adapter_name
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """``{"<module>.<tensor>": parameter}`` of one adapter (what an optimizer trains)."""
+        """``{"<module>.<tensor>": parameter}`` of one adapter (what an optimizer trains); prompt and
+        prefix tuning: ``{"prompt_embeddings": parameter}`` (or the ``prompt_encoder.*`` of a
+        reparametrised prefix)."""
         self._config_of(adapter_name)
+        if self.virtual_tokens.holds(adapter_name):
+            return self.virtual_tokens.adapter_parameters(adapter_name)
         return {
             f"{module}.{param}": tensor
             for module, layer in self._adapted_layers()
@@ -163,7 +189,12 @@ class AdapterModel(nn.Module):
 
     def merge_adapter(self, adapter_name: str) -> PreTrainedModel:
         """A plain transformers model (a copy) with ``adapter_name`` folded into its weights."""
-        self._config_of(adapter_name)
+        config = self._config_of(adapter_name)
+        if self.virtual_tokens.holds(adapter_name):
+            raise ValueError(
+                f"adapter {adapter_name!r} is {config.peft_type}: it adds virtual tokens, not a change of weights, "
+                f"so it cannot be merged into the base model (run it with adapter_names=[...] instead)"
+            )
         merged = copy.deepcopy(self.base_model)
         with torch.no_grad():
             for module, layer in list(_adapted_layers_of(merged)):
@@ -189,12 +220,14 @@ class AdapterModel(nn.Module):
         **kwargs,
     ):
         """The base model's forward (``[batch, tokens]`` in, its output with ``logits`` and, given
-        ``labels``, ``loss``), each row through its own adapter ``adapter_names[i]``."""
+        ``labels``, ``loss``), each row through its own adapter ``adapter_names[i]``. ``logits`` are
+        ``[batch, tokens, vocab]`` also when rows use prompt tuning (PEFT also returns the virtual
+        tokens' logits, in front; see `flora.virtual_tokens`)."""
         batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
         if labels is not None:
             kwargs["labels"] = labels
-        with self.routed(adapter_names, batch):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.routed(adapter_names, batch) as routing:
+            return self.virtual_tokens(self.base_model, routing, input_ids, attention_mask, kwargs)
 
     @torch.no_grad()
     def generate(
@@ -208,7 +241,7 @@ class AdapterModel(nn.Module):
         batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
         if self.tokenizer is not None and "pad_token_id" not in kwargs:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        with self.routed(adapter_names, batch):
+        with self.routed(adapter_names, batch) as routing, self.virtual_tokens.generating(self.base_model, routing):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @contextmanager
@@ -272,8 +305,13 @@ class AdapterModel(nn.Module):
         for parameter in self.adapter_parameters(name).values():
             parameter.requires_grad_(True)
 
+    def _install_virtual(self, name: str, config: PromptLearningConfig, weights: dict[str, Tensor] | None) -> None:
+        """Add prompt- or prefix-tuning adapter ``name`` (``weights``: its file's tensors, or ``None``)."""
+        self.adapter_configs[name] = self.virtual_tokens.add(name, config, self.base_model, weights, self.tokenizer)
+
     def _uninstall(self, name: str) -> None:
         self.adapter_configs.pop(name, None)
+        self.virtual_tokens.remove(name)
         for module, layer in list(self._adapted_layers()):
             for bank in layer.banks.values():
                 bank.remove(name)

@@ -86,7 +86,10 @@ def _write(tmp_path, data, name="task999_broken.json") -> Path:
             lambda d: d["Instances"][3].update(output="negative"),
             r"Instances\[3\] \(id 'task903-4'\): field 'output' must be a list of strings, got str",
         ),
-        (lambda d: d["Instances"][0].update(output=[]), r"Instances\[0\] \(id 'task903-1'\): field 'output' is an empty list"),
+        (
+            lambda d: d["Instances"][0].update(output=[]),
+            r"Instances\[0\] \(id 'task903-1'\): field 'output' is an empty list",
+        ),
         (lambda d: d["Instances"][4].update(id="task903-1"), r"Instances\[4\] \(id 'task903-1'\): duplicate id"),
         (
             lambda d: d["Positive Examples"][1].pop("output"),
@@ -140,7 +143,8 @@ def test_prompt_completion_jsonl():
         (load_alpaca, '{"instruction": "a", "output": "b"}\n{"input": "c", "output": "d"}\n',
          r"data\.jsonl: line 2: missing field 'instruction'"),
         (load_alpaca, '{"instruction": "a", "output": 7}\n', r"data\.jsonl: line 1: field 'output' must be a string"),
-        (load_alpaca, '{"instruction": "a", "output": "b"}\n{"instruction": \n', r"data\.jsonl: line 2: not valid JSON"),
+        (load_alpaca, '{"instruction": "a", "output": "b"}\n{"instruction": \n',
+         r"data\.jsonl: line 2: not valid JSON"),
         (load_alpaca, '[{"instruction": "a", "output": "b"}, {"instruction": "c"}]',
          r"data\.jsonl: record 1: missing field 'output'"),
         (load_alpaca, '["just a string"]', r"data\.jsonl: record 0: expected a JSON object, got str"),

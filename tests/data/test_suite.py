@@ -185,9 +185,7 @@ def expected(family: str, params: dict, text: str) -> str:  # noqa: C901 (one br
             return text.translate(str.maketrans(LOWER, LOWER[p["shift"] :] + LOWER[: p["shift"]]))
         if p["kind"] == "atbash":
             return text.translate(str.maketrans(LOWER, LOWER[::-1]))
-        return " ".join(
-            w + "way" if w[0] in "aeiou" else re.sub(r"^([^aeiou]+)(.*)$", r"\2\1ay", w) for w in words
-        )
+        return " ".join(w + "way" if w[0] in "aeiou" else re.sub(r"^([^aeiou]+)(.*)$", r"\2\1ay", w) for w in words)
     if family == "sequence":
         terms = [int(t) for t in text.split(", ")]
         if p["kind"] in ("arithmetic", "decreasing"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -17,7 +17,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _trained(vocab_size: int) -> str:
     corpus = [SNI_TEMPLATE]
     suite = build_suite(seed=123, n_train=5, n_heldout=0)
