@@ -52,3 +52,20 @@ def test_mixed_batch_gradients_equal_per_row_sum_and_stay_in_their_adapters(stra
                 assert mixed[name][key] is not None and mixed[name][key].abs().sum() > 0
                 assert torch.allclose(mixed[name][key], parameter.grad, atol=1e-6, rtol=1e-4), (name, key)
     assert all(p.grad is None for p in model.base_model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_activation_checkpointing_gives_the_same_gradients(strategy):
+    """Checkpointing re-runs each block's forward in backward; the banks must redo the same work."""
+    ids, mask = batch(rows=4)
+    names = ["l4", "fl", None, "ia"]
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(strategy)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _loss(model, ids, mask, names).backward()
+        grads.append({k: p.grad for n in ("l4", "fl", "ia") for k, p in model.adapter_parameters(n).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, atol=1e-6, rtol=1e-5)

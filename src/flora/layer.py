@@ -9,7 +9,8 @@ Forward, for the routing in force (no routing, or no row using an adapter here: 
 
 Each row uses at most one adapter, so every other bank leaves that row as it is. The steps are
 compiled once per routing and input shape into one closure (strategy chosen, per-row weights
-gathered) and memoised on the routing: a decode step is a dict lookup and the kernels.
+gathered) and, without autograd, memoised on the routing: a decode step is a dict lookup and the
+kernels.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if x.shape[0] != routing.batch_size:
             routing = routing.expanded(x.shape[0])
-        key = (id(self), x.shape, torch.is_grad_enabled())
+        if torch.is_grad_enabled():
+            # Under autograd the per-row weights are gathered in every call: activation
+            # checkpointing re-runs the forward and must see the same operations again.
+            return self._compile(routing, x)(x)
+        key = (id(self), x.shape)
         run = routing.memo.get(key)
         if run is None:
             run = routing.memo[key] = self._compile(routing, x)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -209,6 +209,21 @@ class AdapterModel(nn.Module):
             parameter.requires_grad_(True)
         return merged
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The base model's activation (gradient) checkpointing; ``transformers.Trainer`` calls this.
+
+        Non-reentrant checkpointing only: the recomputation in backward runs outside the forward's
+        `routed` block, so each checkpointed block records the routing in force and restores it
+        when it is recomputed (``context_fn``)."""
+        options = dict(activation_checkpointing_kwargs or {})
+        if options.get("use_reentrant"):
+            raise ValueError("use_reentrant=True is not supported with adapters (expected use_reentrant=False)")
+        options.update(use_reentrant=False, context_fn=self._checkpoint_contexts)
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.activation_checkpointing_disable()
+
     # -- forward -------------------------------------------------------------------------------
 
     def forward(
@@ -244,15 +259,22 @@ class AdapterModel(nn.Module):
         with self.routed(adapter_names, batch) as routing, self.virtual_tokens.generating(self.base_model, routing):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    @contextmanager
-    def routed(self, adapter_names: Sequence[str | None] | None, batch_size: int) -> Iterator[Routing | None]:
+    def routed(self, adapter_names: Sequence[str | None] | None, batch_size: int):
         """Within the block, forward passes route row ``i`` through ``adapter_names[i]``."""
-        routing = self._routing(adapter_names, batch_size)
+        return self._routing_in_force(self._routing(adapter_names, batch_size))
+
+    @contextmanager
+    def _routing_in_force(self, routing: Routing | None) -> Iterator[Routing | None]:
         previous, self.routing_state.current = self.routing_state.current, routing
         try:
             yield routing
         finally:
             self.routing_state.current = previous
+
+    def _checkpoint_contexts(self):
+        """``torch.utils.checkpoint``'s ``context_fn``: nothing around the forward; around the
+        recomputation, the routing that was in force when the forward ran."""
+        return nullcontext(), self._routing_in_force(self.routing_state.current)
 
     def _routing(self, adapter_names, batch_size: int) -> Routing | None:
         if adapter_names is None:

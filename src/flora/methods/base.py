@@ -179,9 +179,12 @@ class Bank(nn.Module):
         return Plan(groups, routing.device) if groups else None
 
     def prepared(self, routing: Routing, strategy: str, build: Callable[[], Any]) -> Any:
-        """``build()`` (a strategy's kernel with its per-row weights) once per routing, strategy and
-        autograd mode: prefill and decode steps of one `generate` share it."""
-        key = (id(self), strategy, torch.is_grad_enabled())
+        """``build()`` (a strategy's kernel with its per-row weights) once per routing and strategy:
+        prefill and decode steps of one `generate` share it. Under autograd, built in every call
+        (activation checkpointing re-runs the forward and must see the same operations)."""
+        if torch.is_grad_enabled():
+            return build()
+        key = (id(self), strategy)
         if key not in routing.memo:
             routing.memo[key] = build()
         return routing.memo[key]
