@@ -236,6 +236,17 @@ def test_cli_eval_alpaca_and_errors(model_dir, capsys):
     assert rc == 2 and "unknown suite task or category 'nope'" in capsys.readouterr().err
 
 
+def test_cli_eval_of_seen_tasks_only_writes_and_prints_without_unseen_scores(model_dir, tmp_path, capsys):
+    scores_path = tmp_path / "scores.json"
+    rc = main(["eval", "--model", str(model_dir), "--tasks", "add_numbers", "--max-instances", "2", "--no-progress",
+               "--json", str(scores_path)])  # fmt: skip
+    assert rc == 0
+    scores = json.loads(scores_path.read_text())["scores"]
+    assert scores["seen"]["n"] == 2 and scores["unseen"] == {"exact_match": None, "rougeL": None, "n": 0, "tasks": 0}
+    out = capsys.readouterr().out
+    assert "seen " in out and "unseen" not in out
+
+
 def test_cli_tasks_list_and_show(capsys):
     assert main(["tasks", "list"]) == 0
     out = capsys.readouterr().out

@@ -5,6 +5,8 @@ many adapters with their own learning rate and rank, gradient accumulation, full
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,11 @@ from data.tiny import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import flora.train
+import flora
 from flora import AdapterModel, LoraConfig
 from flora.cli import main
 from flora.data import build_suite
-from flora.train import (
+from flora.training import (
     AdapterExample,
     TrainConfig,
     assign_adapters,
@@ -61,6 +63,15 @@ def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # -- settings -------------------------------------------------------------------------------------
+
+
+def test_flora_train_is_the_training_function_imported_on_first_use():
+    import flora.training
+
+    assert flora.train is flora.training.train and "train" in flora.__all__
+    code = "import sys, flora; print('flora.training' in sys.modules, 'transformers.trainer' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.split() == ["False", "False"]  # import flora stays light
 
 
 def test_settings_are_parsed_against_the_config_fields():
@@ -151,7 +162,7 @@ def test_adapter_groups_per_task_per_category_and_explicit():
 
 def test_one_adapter_run_writes_adapter_config_log_and_small_checkpoints(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    result = flora.train(**quick(tiny_dir, out))  # the module is callable
+    result = flora.train(**quick(tiny_dir, out))  # flora.train is flora.training.train
     assert result.global_step == 4 and set(result.adapters) == {"default"}
     saved = adapter_tensors(out / "adapters" / "default")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # trained: B left zero

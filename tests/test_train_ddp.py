@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import TASKS, log_records, save_tiny_model
 
-from flora.train import train
+from flora.training import train
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from test_train import log_records, save_tiny_model
 
 from flora.cli import main
-from flora.train import TrainingDivergedError, train
+from flora.training import TrainingDivergedError, train
 
 
 @pytest.fixture(scope="module")

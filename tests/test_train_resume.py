@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 from test_train import TASKS, log_records, save_tiny_model
 
 from flora.cli import main
-from flora.train import train
+from flora.training import train
 
 # Runs `flora` with one change: after writing the RNG state of checkpoint 6 into its staging
 # directory (the checkpoint is not complete yet), it marks a file and sleeps until killed.
 KILLABLE = """
 import os, sys, time
-import flora.train as t
+import flora.training as t
 original = t.FloraTrainer._save_rng_state
 def save_rng_state(self, output_dir):
     original(self, output_dir)

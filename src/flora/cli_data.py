@@ -256,13 +256,15 @@ def _eval(args) -> int:
     total = time.perf_counter() - started
     result.settings["model_load_s"] = round(loaded - started, 3)
     result.settings["total_time_s"] = round(total, 3)
+    written = []
+    if args.json_path:
+        written.append(f"scores and settings: {result.write_json(args.json_path)}")
+    if args.predictions:
+        written.append(f"predictions: {result.write_predictions(args.predictions)}")
     _print_summary(result.scores)
     print(f"time: {total:.1f} s in all ({result.time_s:.1f} s generating {len(samples)} instances, "
           f"{len(samples) / max(result.time_s, 1e-9):.2f} instances/s)")  # fmt: skip
-    if args.json_path:
-        print(f"scores and settings: {result.write_json(args.json_path)}")
-    if args.predictions:
-        print(f"predictions: {result.write_predictions(args.predictions)}")
+    print("\n".join(written))
     return 0
 
 
@@ -272,7 +274,7 @@ def _line(label: str, scores: dict[str, Any]) -> str:
 
 def _print_summary(scores: dict[str, Any]) -> None:
     for label in ("overall", "seen", "unseen"):
-        if label in scores:
+        if scores.get(label, {}).get("n"):  # a part with no instances has no scores
             print(_line(label, scores[label]))
     for category, values in scores["categories"].items():
         print(_line(f"  {category}", values))

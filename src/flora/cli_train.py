@@ -1,6 +1,6 @@
-"""``flora train``: train one adapter, many adapters at once, or the whole model (`flora.train.train`).
+"""``flora train``: train one adapter, many adapters at once, or the whole model (`flora.training.train`).
 
-Every option maps to a field of `flora.train.TrainConfig`. With ``--resume`` the settings stored in
+Every option maps to a field of `flora.training.TrainConfig`. With ``--resume`` the settings stored in
 ``<output-dir>/train_config.json`` are the defaults, so ``flora train --output-dir DIR --resume``
 continues a run; options given must agree with the stored run. Under ``torchrun`` every process
 runs the same command (data parallelism).
@@ -105,7 +105,7 @@ def _pairs(values: list[str] | None, what: str, sep: str = "=") -> dict[str, str
 
 def config_from_args(args: argparse.Namespace):
     """The `TrainConfig` these options describe (on top of the stored run's settings with --resume)."""
-    from flora.train import CONFIG_FILE, TrainConfig, parse_assignments
+    from flora.training import CONFIG_FILE, TrainConfig, parse_assignments
 
     given: dict[str, Any] = {}
     for key in ("output_dir", "model", "method", "data_format", "split", "max_instances", "suite_seed", "suite_train",
@@ -143,7 +143,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args) -> int:
-    from flora.train import TrainingDivergedError, train
+    from flora.training import TrainingDivergedError, train
 
     config = config_from_args(args)
     try:

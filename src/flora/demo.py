@@ -13,7 +13,7 @@ from pathlib import Path
 from flora.data import Template, build_suite, collate_prompts, encode_prompt, samples_from_tasks
 from flora.methods import LoraConfig
 from flora.model import AdapterModel
-from flora.train import AdapterExample, train_adapters
+from flora.training import AdapterExample, train_adapters
 
 DEMO_TASKS = ("reverse_words", "duplicate_each_word")
 
