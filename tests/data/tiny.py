@@ -47,13 +47,17 @@ def tiny_tokenizer(vocab_size: int = 400, add_bos: bool = False) -> PreTrainedTo
     return tokenizer
 
 
-def tiny_llama(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
-    """A tiny random Llama for ``tokenizer`` (float64 by default: no near-ties from rounding)."""
+def tiny_llama(
+    tokenizer, seed: int = 0, dtype: torch.dtype = torch.float64, initializer_range: float = 0.02
+) -> LlamaForCausalLM:
+    """A tiny random Llama for ``tokenizer`` (float64 by default: no near-ties from rounding).
+    A larger ``initializer_range`` makes a model whose output adapters can move in a few steps."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config).to(dtype).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
