@@ -48,7 +48,7 @@ def run_demo(output_dir: str | Path = "runs/demo", model_name: str = "smollm2-13
         expected = row["sample"].references[0]
         results.append({"task": row["task"], "adapter": row["adapter"], "input": row["sample"].input,
                         "prediction": answer, "reference": expected})  # fmt: skip
-        print(f"[{row['adapter'] or 'base model':>15}] {row['sample'].input!r}\n{'':>18}-> {answer!r}"
+        print(f"[{row['adapter'] or 'base model':>19}] {row['sample'].input!r}\n{'':>22}-> {answer!r}"
               f"  ({'correct' if answer == expected else 'expected ' + repr(expected)})")  # fmt: skip
     print(f"\nadapters saved under {output_dir}/ (Hugging Face PEFT format); {time.perf_counter() - start:.0f} s")
     return results
