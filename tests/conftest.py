@@ -61,3 +61,17 @@ def batch(rows: int = 6, length: int = 9, seed: int = 1) -> tuple[torch.Tensor, 
     for row in range(0, rows, 3):
         mask[row, : row % 4 + 1] = 0
     return ids, mask
+
+
+def adam_losses(model, ids, mask, labels, names, lr: float, steps: int) -> list[float]:
+    """The loss before each of ``steps`` Adam steps on the adapters that ``names`` (one per row) use."""
+    parameters = [p for name in dict.fromkeys(names) for p in model.adapter_parameters(name).values()]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels, adapter_names=list(names)).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import batch, tiny_model
+from conftest import adam_losses, batch, tiny_model
 
 from flora import AdapterModel, BitFitConfig
 from flora.methods import METHODS, BitFitBank
@@ -112,14 +112,7 @@ def test_bitfit_training_lowers_the_loss():
     model.train()
     ids, mask = batch(rows=4)
     labels = ids.masked_fill(mask == 0, -100)
-    optimizer = torch.optim.Adam(model.adapter_parameters("t").values(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        loss = model(ids, attention_mask=mask, labels=labels, adapter_names=["t"] * len(ids)).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, ids, mask, labels, ["t"] * len(ids), lr=1e-2, steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
 
 

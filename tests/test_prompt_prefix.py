@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import batch, tiny_model
+from conftest import adam_losses, batch, tiny_model
 from peft import PeftModel, get_peft_model
 from peft import PrefixTuningConfig as PeftPrefixTuningConfig
 from peft import PromptTuningConfig as PeftPromptTuningConfig
@@ -251,15 +251,7 @@ def test_adam_steps_lower_the_loss():
     model = _mixed_model("gpt2").train()
     ids, mask = batch(rows=4)
     names = ["p", "q", "s", "l"]
-    parameters = [p for name in set(names) for p in model.adapter_parameters(name).values()]
-    optimizer = torch.optim.Adam(parameters, lr=1e-2)
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        loss = model(ids, attention_mask=mask, labels=_labels(ids, mask), adapter_names=names).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, ids, mask, _labels(ids, mask), names, lr=1e-2, steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
 
 

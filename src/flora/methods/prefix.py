@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from flora.methods.prompt import PROMPT_KEY, PromptLearningConfig, text_config
+from flora.methods.prompt import PROMPT_KEY, PromptLearningConfig, check_prompt_shape, text_config
 
 INIT_WEIGHTS = (None, "zero")
 
@@ -153,11 +153,8 @@ class PrefixBank(nn.Module):
         expected = (config.num_virtual_tokens, geometry.width)
         if weights is not None:
             prefix = weights[PROMPT_KEY]
-            if tuple(prefix.shape) != expected:
-                raise ValueError(
-                    f"adapter {name!r}: {PROMPT_KEY} has shape {tuple(prefix.shape)} but this base model needs "
-                    f"{expected} (num_virtual_tokens={config.num_virtual_tokens} x {geometry.describe()})"
-                )
+            layout = f"num_virtual_tokens={config.num_virtual_tokens} x {geometry.describe()}"
+            check_prompt_shape(name, prefix, expected, layout)
             self.prefixes[name] = nn.Parameter(prefix.detach().to(device=like.device, dtype=like.dtype).clone())
         elif config.prefix_projection:
             self.encoders[name] = PrefixEncoder(config, geometry).to(device=like.device, dtype=like.dtype)

@@ -33,6 +33,18 @@ import torch
 from torch import Tensor, nn
 
 PROMPT_KEY = "prompt_embeddings"  # the one tensor of a prompt- or prefix-tuning adapter file (PEFT's name)
+
+
+def check_prompt_shape(name: str, tensor: Tensor, expected: tuple[int, int], layout: str) -> None:
+    """Refuse a loaded ``prompt_embeddings`` of the wrong shape, naming both shapes and ``layout``
+    (what the expected shape is made of)."""
+    if tuple(tensor.shape) != expected:
+        raise ValueError(
+            f"adapter {name!r}: {PROMPT_KEY} has shape {tuple(tensor.shape)} but this base model needs "
+            f"{expected} ({layout})"
+        )
+
+
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 
@@ -176,11 +188,8 @@ class PromptBank(nn.Module):
             prompt = initial_prompt(config, embeddings, tokenizer)
         else:
             prompt = weights[PROMPT_KEY]
-            if tuple(prompt.shape) != expected:
-                raise ValueError(
-                    f"adapter {name!r}: {PROMPT_KEY} has shape {tuple(prompt.shape)} but this base model needs "
-                    f"{expected} (num_virtual_tokens={config.num_virtual_tokens} x hidden size {like.shape[1]})"
-                )
+            layout = f"num_virtual_tokens={config.num_virtual_tokens} x hidden size {like.shape[1]}"
+            check_prompt_shape(name, prompt, expected, layout)
         self.prompts[name] = nn.Parameter(prompt.detach().to(device=like.device, dtype=like.dtype).clone())
 
     def remove(self, name: str) -> None:
