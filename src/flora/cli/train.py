@@ -14,19 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flora.cli import command
+from flora.cli.options import parse_pairs
 
 _EPILOG = """examples:
   flora train --output-dir runs/lora --method lora --set r=8 --set alpha=16 --tasks "Word Order" --max-steps 200
   flora train --output-dir runs/many --adapter-per task --tasks reverse_words,sort_words --adapter-lr sort_words=2e-3
   flora train --output-dir runs/groups --adapter words=reverse_words,sort_words --adapter rest='*' --data DIR
   flora train --output-dir runs/lora --resume
-  torchrun --nproc_per_node 2 -m flora.cli train --output-dir runs/ddp ...   (data parallelism)
+  torchrun --nproc_per_node 2 -m flora train --output-dir runs/ddp ...   (data parallelism)
 """
 
 
-@command
-def register(subparsers) -> None:
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train adapters (one, or many at once in mixed batches) or the whole model",
@@ -90,17 +89,7 @@ def register(subparsers) -> None:
     r.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
     r.add_argument("--overwrite", action="store_true", default=None, help="replace a run in --output-dir")
     r.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.set_defaults(func=_train)
-
-
-def _pairs(values: list[str] | None, what: str, sep: str = "=") -> dict[str, str]:
-    result: dict[str, str] = {}
-    for value in values or []:
-        key, found, rest = value.partition(sep)
-        if not found or not key.strip() or not rest.strip():
-            raise ValueError(f"{what} {value!r}: expected NAME{sep}VALUE")
-        result[key.strip()] = rest.strip()
-    return result
+    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -124,13 +113,13 @@ def config_from_args(args: argparse.Namespace):
         given["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.adapters is not None:
         given["adapters"] = {
-            k: [t.strip() for t in v.split(",")] for k, v in _pairs(args.adapters, "--adapter").items()
+            k: [t.strip() for t in v.split(",")] for k, v in parse_pairs(args.adapters, "--adapter").items()
         }
     if args.adapter_lr is not None:
-        given["adapter_lr"] = _pairs(args.adapter_lr, "--adapter-lr")
+        given["adapter_lr"] = parse_pairs(args.adapter_lr, "--adapter-lr")
     if args.adapter_set is not None:
         per: dict[str, dict[str, str]] = {}
-        for name, assignment in _pairs(args.adapter_set, "--adapter-set", ":").items():
+        for name, assignment in parse_pairs(args.adapter_set, "--adapter-set", ":").items():
             per.setdefault(name, {}).update(parse_assignments([assignment], "--adapter-set"))
         given["adapter_settings"] = per
     if args.training_args is not None:
@@ -142,7 +131,7 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(known)
 
 
-def _train(args) -> int:
+def run(args) -> int:
     from flora.training import TrainingDivergedError, train
 
     config = config_from_args(args)

@@ -1,6 +1,4 @@
-"""Data and evaluation sub-commands: ``flora tasks list|show|export`` and ``flora eval``.
-
-``flora eval`` evaluates a model (``smollm2-135m`` or a local transformers directory), with any
+"""``flora eval`` evaluates a model (``smollm2-135m`` or a local transformers directory), with any
 number of adapters routed per task or category, on the built-in suite's held-out instances or
 on Super-NaturalInstructions / Alpaca / prompt-completion files; it prints a summary and the
 time, and writes ``--json`` (scores and settings) and ``--predictions`` (JSONL).
@@ -8,12 +6,11 @@ time, and writes ``--json`` (scores and settings) and ``--predictions`` (JSONL).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from flora.cli import command
+from flora.cli.options import parse_adapters, parse_pairs, split_names
 from flora.data import suite as suite_module
 from flora.data.formats import detect_format, load_alpaca, load_prompt_completion, load_sni, read_task_names
 from flora.data.templates import (
@@ -28,26 +25,7 @@ from flora.data.templates import (
 DEFAULT_EVAL_INSTANCES = 20
 
 
-@command
-def register(subparsers) -> None:
-    tasks = subparsers.add_parser("tasks", help="the built-in task suite: list, show or export it")
-    actions = tasks.add_subparsers(dest="tasks_command", required=True)
-    listing = actions.add_parser("list", help="every task with its category, metric and default split")
-    listing.set_defaults(func=_tasks_list)
-    show = actions.add_parser("show", help="one task: definition, examples and some held-out instances")
-    show.add_argument("name")
-    show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--instances", type=int, default=5, help="how many held-out instances to print")
-    show.add_argument("--json", action="store_true", help="print the task as Super-NaturalInstructions JSON")
-    show.set_defaults(func=_tasks_show)
-    export = actions.add_parser("export", help="write the suite as Super-NaturalInstructions files")
-    export.add_argument("directory")
-    export.add_argument("--seed", type=int, default=0)
-    export.add_argument("--train", type=int, default=suite_module.DEFAULT_TRAIN, help="training instances per task")
-    export.add_argument("--heldout", type=int, default=suite_module.DEFAULT_HELDOUT, help="held-out instances per task")
-    export.add_argument("--tasks", help="comma-separated task names or categories (default: all)")
-    export.set_defaults(func=_tasks_export)
-
+def add_parser(subparsers) -> None:
     ev = subparsers.add_parser(
         "eval",
         help="evaluate a model (and adapters, routed per task) with ROUGE-L and exact match",
@@ -81,84 +59,7 @@ def register(subparsers) -> None:
     ev.add_argument("--json", dest="json_path", metavar="PATH", help="write scores and settings as JSON")
     ev.add_argument("--predictions", metavar="PATH", help="write every prediction as JSONL")
     ev.add_argument("--no-progress", action="store_true")
-    ev.set_defaults(func=_eval)
-
-
-# -- tasks --------------------------------------------------------------------------------------
-
-
-def _tasks_list(args) -> int:
-    train, _ = suite_module.default_split()
-    width = max(len(s.name) for s in suite_module.SPECS)
-    cat_width = max(len(c) for c in suite_module.CATEGORIES)
-    print(f"{'task':<{width}}  {'category':<{cat_width}}  {'metric':<11}  split")
-    for spec in suite_module.SPECS:
-        split = "train (seen)" if spec.name in train else "test (unseen)"
-        print(f"{spec.name:<{width}}  {spec.category:<{cat_width}}  {spec.metric:<11}  {split}")
-    print(f"{len(suite_module.SPECS)} tasks in {len(suite_module.CATEGORIES)} categories; "
-          f"unseen categories: {', '.join(suite_module.UNSEEN_CATEGORIES)}")  # fmt: skip
-    return 0
-
-
-def _tasks_show(args) -> int:
-    if args.name not in suite_module.SPEC_BY_NAME:
-        raise KeyError(f"unknown suite task {args.name!r} (see `flora tasks list`)")
-    spec = suite_module.SPEC_BY_NAME[args.name]
-    _, heldout = suite_module.generate_task(spec, args.seed, n_train=0, n_heldout=max(args.instances, 0))
-    if args.json:
-        print(json.dumps(heldout.to_json(), indent=1, ensure_ascii=False))
-        return 0
-    train, _ = suite_module.default_split()
-    print(f"{spec.name}  [{spec.category}; {spec.metric}; {'seen' if spec.name in train else 'unseen'}]")
-    print(f"Definition: {spec.definition}")
-    for index, example in enumerate(heldout.positive_examples, start=1):
-        print(f"Positive example {index}: {example.input!r} -> {example.output!r}")
-    for example in heldout.negative_examples:
-        print(f"Negative example: {example.input!r} -> {example.output!r} ({example.explanation})")
-    for instance in heldout.instances:
-        print(f"{instance.id}: {instance.input!r} -> {list(instance.references)!r}")
-    return 0
-
-
-def _split_names(text: str | None) -> list[str] | None:
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
-
-
-def _tasks_export(args) -> int:
-    suite = suite_module.build_suite(args.seed, args.train, args.heldout, _split_names(args.tasks))
-    directory = suite.export(args.directory)
-    print(f"wrote {len(suite.train)} tasks ({args.train} training + {args.heldout} held-out instances each) "
-          f"and the default split to {directory}")  # fmt: skip
-    return 0
-
-
-# -- eval ---------------------------------------------------------------------------------------
-
-
-def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        key, sep, name = value.partition("=")
-        if not sep or not key or not name:
-            raise ValueError(f"{what} {value!r}: expected KEY=VALUE")
-        pairs[key] = name
-    return pairs
-
-
-def _parse_adapters(values: list[str]) -> dict[str, str]:
-    adapters = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep:
-            name, path = Path(value).name, value
-        if not name or not path:
-            raise ValueError(f"--adapter {value!r}: expected NAME=PATH or PATH")
-        if name in adapters:
-            raise ValueError(f"--adapter: the name {name!r} is given twice")
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"--adapter {value!r}: {path!r} is not a directory (expected a PEFT adapter)")
-        adapters[name] = path
-    return adapters
+    ev.set_defaults(func=run)
 
 
 def _split_dir(path: Path) -> tuple[list[str] | None, list[str] | None]:
@@ -172,7 +73,7 @@ def _split_dir(path: Path) -> tuple[list[str] | None, list[str] | None]:
 def load_eval_samples(args) -> tuple[list[Sample], list[str] | None, dict[str, Any], str]:
     """``(samples, seen tasks or None, data settings, default template name)`` for ``flora eval``."""
     limit = args.max_instances if args.max_instances and args.max_instances > 0 else None
-    wanted = _split_names(args.tasks)
+    wanted = split_names(args.tasks)
     if args.data == "suite":
         suite = suite_module.build_suite(args.suite_seed, n_train=0, n_heldout=limit or 100, tasks=wanted)
         samples = samples_from_tasks(suite.heldout, limit)
@@ -214,10 +115,10 @@ def load_eval_samples(args) -> tuple[list[Sample], list[str] | None, dict[str, A
     return samples_from_tasks(tasks, limit), seen, info, "sni"
 
 
-def _eval(args) -> int:
+def run(args) -> int:
     started = time.perf_counter()
-    adapters = _parse_adapters(args.adapter)
-    routes = _parse_pairs(args.route, "--route")
+    adapters = parse_adapters(args.adapter)
+    routes = parse_pairs(args.route, "--route")
     for key, name in routes.items():
         if name not in adapters and name.lower() not in ("none", "__base__", "base"):
             given = ", ".join(adapters) or "none"
