@@ -7,10 +7,11 @@ Forward, for the routing in force (no routing, or no row using an adapter here: 
    adapters is in the batch (its rows without an adapter get exactly ``x W0ᵀ + bias``);
 3. banks that add to or rescale the output (LoRA, IA3) update their rows.
 
-Each row uses at most one adapter, so every other bank leaves that row as it is. The steps are
-compiled once per routing and input shape into one closure (strategy chosen, per-row weights
-gathered) and, without autograd, memoised on the routing: a decode step is a dict lookup and the
-kernels.
+Each row uses at most one adapter, so every other bank leaves that row as it is. When one bank
+alone has rows here, it may fold steps 2-3 into one (`Bank.fused_step`: LoRA adds its update as
+the input term of the base matmul). The steps are compiled once per routing and input shape into
+one closure (strategy chosen, per-row weights gathered) and, without autograd, memoised on the
+routing: a decode step is a dict lookup and the kernels.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class AdaptedLayer(nn.Module):
         sample = x
         for step in inputs:
             sample = step(sample)
+        if not inputs and len(active) == 1:  # the usual case: one bank, maybe fused with the base matmul
+            fused = active[0][0].fused_step(active[0][1], routing, self, x)
+            if fused is not None:
+                return fused
         replacing = [(bank, plan) for bank, plan in active if bank.replaces_base]
         base = replacing[0][0].base_step(replacing[0][1], routing, self, sample) if replacing else self.base_layer
         outputs = [step for bank, plan in active if (step := bank.output_step(plan, routing, sample, base)) is not None]

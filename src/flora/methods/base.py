@@ -189,20 +189,24 @@ class Bank(nn.Module):
             routing.memo[key] = build()
         return routing.memo[key]
 
-    def choose_strategy(self, plan: Plan, x: Tensor, trial: Callable[[str], Callable[[], Tensor]]) -> str:
+    def choose_strategy(
+        self, plan: Plan, x: Tensor, trial: Callable[[str], Callable[[], Tensor]], shape: tuple | None = None
+    ) -> str:
         """The strategy in force: the model's choice when this method has it, the measured fastest
         under ``"auto"``, else this method's default. ``trial(name)`` is a thunk that computes this
         bank's output for the sample ``x: [batch, tokens, in]`` with strategy ``name``, without
-        side effects (built only when measuring)."""
+        side effects (built only when measuring). ``shape`` names what is computed, for the
+        autotuner's key (default: this layer's features and the largest rank in the batch)."""
         wanted = self.state.strategy
         if wanted in self.strategies:
             return wanted
         if wanted != "auto" or len(self.strategies) == 1:
             return self.strategies[0]
-        rank = max(self.rank(n) for n in plan.groups)
+        if shape is None:
+            shape = (self.in_features, self.out_features, max(self.rank(n) for n in plan.groups))
         key = (
-            self.method, self.in_features, self.out_features, rank, x.shape[0], token_bucket(x.shape[1]),
-            len(plan.groups), sum(map(len, plan.groups.values())), x.device.type, x.dtype, torch.is_grad_enabled(),
+            self.method, shape, x.shape[0], token_bucket(x.shape[1]), len(plan.groups),
+            sum(map(len, plan.groups.values())), x.device.type, x.dtype, torch.is_grad_enabled(),
         )  # fmt: skip
         return self.state.tuner.pick(key, {name: trial(name) for name in self.strategies})
 
@@ -222,6 +226,14 @@ class Bank(nn.Module):
     ) -> Callable[[Tensor, Tensor], Tensor] | None:
         """``(x, out) -> out`` applied after the base layer (additive and output-scaling methods), or
         ``None``. ``x`` is a sample input and ``base`` the base computation, for measuring."""
+        return None
+
+    def fused_step(
+        self, plan: Plan, routing: Routing, layer: nn.Module, x: Tensor
+    ) -> Callable[[Tensor], Tensor] | None:
+        """``x -> out``: the base layer and this bank's change in one step, used when this bank is the
+        only one with rows in the batch (LoRA: the update is the ``addmm`` input of the base matmul);
+        ``None`` when the method has no such form. ``x`` is a sample input."""
         return None
 
     # -- helpers for subclasses ----------------------------------------------------------------

@@ -7,12 +7,13 @@ For a base layer ``y = x W0ᵀ`` and an adapter ``A: [r, in]``, ``B: [out, r]``:
 The same function as Hugging Face PEFT's ``LoraLayer`` (``lora_A.weight``, ``lora_B.weight``,
 ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``). Initialisation as PEFT's
 default: ``A`` Kaiming-uniform, ``B`` zero, so a new adapter leaves the output unchanged.
-Strategies: ``bmm`` (default), ``loop``, ``segmented`` (see `flora.kernels.lowrank`).
+Strategies: ``bmm`` (default), ``loop``, ``segmented`` (see `flora.kernels.lowrank`); sibling layers
+that read the same input compute their updates together (`flora.methods.lora_group`), and a layer
+whose only adapted rows are LoRA's adds the update inside its base matmul (`LoraBank.fused_step`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
-from flora.methods.base import AdapterConfig, Bank, Plan, pad_rank, pattern_value
+from flora.methods.base import AdapterConfig, Bank, Plan, pattern_value
+from flora.methods.lora_group import LoraGroup
 from flora.routing import Routing
 
 
@@ -72,6 +73,10 @@ class LoraBank(Bank):
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        # The LoRA banks of the sibling layers that read the same input (`AdapterModel` links them),
+        # and this bank alone (for training with dropout, whose mask is per layer).
+        self.own_group = LoraGroup([self])
+        self.group = self.own_group
 
     def adapters(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -108,33 +113,9 @@ class LoraBank(Bank):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _scaled_b(self, name: str) -> Tensor:
+    def scaled_b(self, name: str) -> Tensor:
+        """``s · B``, ``[out, r]``."""
         return self.lora_B[name] * self.scaling[name]
-
-    def _kernel(self, strategy: str, plan: Plan, routing: Routing) -> Callable[[Tensor, Tensor], Tensor]:
-        """``(x: [batch, tokens, in], out: [batch, tokens, out]) -> out`` for ``strategy``."""
-        if strategy == "loop":
-            groups = [(plan.rows[n], self.lora_A[n], self._scaled_b(n)) for n in plan.groups]
-            return lambda x, out: lowrank_loop(x, out, groups)
-        if strategy == "segmented":
-            order, segments, start = [], [], 0
-            for name, rows in plan.groups.items():
-                order.extend(rows)
-                segments.append((start, start + len(rows), self.lora_A[name], self._scaled_b(name)))
-                start += len(rows)
-            order_t = torch.tensor(order, device=routing.device)
-            return lambda x, out: lowrank_segmented(x, out, order_t, segments)
-        rank = max(self.rank(n) for n in plan.groups)
-        like = self.lora_A[next(iter(plan.groups))]
-        zeros_a, zeros_b = like.new_zeros(self.in_features, rank), like.new_zeros(rank, self.out_features)
-        a_rows = self._row_table(plan, routing, zeros_a, lambda n: pad_rank(self.lora_A[n].T, rank, dim=1))
-        b_rows = self._row_table(plan, routing, zeros_b, lambda n: pad_rank(self.lora_B[n].T, rank, dim=0))
-        scales = [0.0] * routing.batch_size
-        for name, rows in plan.groups.items():
-            for row in rows:
-                scales[row] = self.scaling[name]
-        b_rows = b_rows * torch.tensor(scales, dtype=b_rows.dtype, device=b_rows.device).view(-1, 1, 1)
-        return lambda x, out: lowrank_bmm(x, out, a_rows, b_rows)
 
     def _dropout(self, plan: Plan, routing: Routing) -> Callable[[Tensor], Tensor] | None:
         """Each row's adapter's dropout on the LoRA path's input (training only), or ``None``."""
@@ -147,25 +128,39 @@ class LoraBank(Bank):
         keep = torch.ones(routing.batch_size, 1, 1, device=routing.device)
         for name, rows in plan.rows.items():
             keep[rows] = 1.0 - self.dropout[name]
-        return lambda x: x * torch.bernoulli(keep.to(x.dtype).expand_as(x)) / keep.to(x.dtype)
+
+        def dropout(x: Tensor) -> Tensor:
+            x3, rows = x.reshape(routing.batch_size, -1, x.shape[-1]), keep.to(x.dtype)
+            return x3 * torch.bernoulli(rows.expand_as(x3)) / rows
+
+        return dropout
+
+    def _delta(self, plan: Plan, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x -> [batch, tokens, out]``: this layer's update, computed with its siblings' unless
+        dropout (training) needs a mask of each layer's own on the input."""
+        dropout = self._dropout(plan, routing)
+        if dropout is not None:
+            delta = self.own_group.member_delta(self, routing, x)
+            return lambda x: delta(dropout(x))
+        group = self.group if self.group.computes_together(routing) else self.own_group
+        return group.member_delta(self, routing, x)
 
     def output_step(self, plan, routing, x, base):
-        batch, features = routing.batch_size, (self.in_features, self.out_features)
+        delta = self._delta(plan, routing, x)
+        return lambda x, out: out + delta(x).reshape(out.shape)
 
-        def kernel(name: str):
-            return self.prepared(routing, name, lambda: self._kernel(name, plan, routing))
+    def fused_step(self, plan, routing, layer, x):
+        """``addmm(Δ, x, W0ᵀ)`` (plus the bias): the update enters the base matmul as its input term."""
+        if self._dropout(plan, routing) is not None:
+            return None
+        delta = self._delta(plan, routing, x)
+        weight_in_out = layer.weight_out_in().T
+        bias = layer.base_layer.bias
 
-        x3 = x.reshape(batch, -1, features[0])
-        sample_out = functools.cache(lambda: base(x).reshape(batch, -1, features[1]))
-        run = kernel(self.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3, sample_out().clone())))
-        dropout = self._dropout(plan, routing)
-        if dropout is None and x.dim() == 3:  # the usual [batch, tokens, features]: no reshapes
-            return run
-
-        def step(x: Tensor, out: Tensor) -> Tensor:
-            x3 = x.reshape(batch, -1, features[0])
-            if dropout is not None:
-                x3 = dropout(x3)
-            return run(x3, out.reshape(batch, -1, features[1])).reshape(out.shape)
+        def step(x: Tensor) -> Tensor:
+            out = torch.addmm(delta(x).reshape(-1, self.out_features), x.reshape(-1, self.in_features), weight_in_out)
+            if bias is not None:
+                out = out + bias
+            return out.view(*x.shape[:-1], self.out_features)
 
         return step

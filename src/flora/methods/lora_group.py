@@ -1,0 +1,211 @@
+"""LoRA of sibling layers that read the same input, computed together.
+
+Attention's q/k/v projections (and an MLP's gate/up) all read the same hidden states ``x``. For a
+group of such layers ``m = 1..k`` and an adapter with factors ``A_m: [r_m, in]``, ``B_m: [out_m, r_m]``
+and scaling ``s_m`` in each (``A_m = 0`` where it does not adapt layer ``m``), stack
+
+    A = [A_1; ...; A_k]                                   [R, in],  R = Σ r_m
+    B = blockdiag(s_1 B_1ᵀ, ..., s_k B_kᵀ)                [R, O],   O = Σ out_m
+
+so that ``(x Aᵀ) B = [Δy_1 | ... | Δy_k]``: every member's update from one product pair instead of
+one pair per layer (`flora.kernels.lowrank`). With per-row tables (``bmm``, rows using different
+adapters) the ``x Aᵀ`` product is shared and each member then reads its own ``B_m`` rows: a
+block-diagonal table gathered per row would multiply what decoding reads from memory. Alone in
+its layer, a member adds its update to its base output inside the base matmul (``addmm``,
+`LoraBank.fused_step`).
+
+A layer whose siblings have no LoRA is a group of one, the same code with ``k = 1``. Which layers
+read the same input is a property of the architecture (`SHARED_INPUT_LAYERS`, after vLLM's
+``packed_modules_mapping``); a group checks at run time that its members really see the same
+tensor and computes again otherwise, so a wrong guess costs time, never correctness.
+
+Per routing the group keeps one `GroupRun`: the strategy chosen and the per-row tables gathered,
+and the last input with its update, which siblings reuse. Under autograd the tables are gathered
+again for each new input, inside the call of the member that meets it first, so that activation
+checkpointing's recomputation repeats exactly the operations of the forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
+from flora.methods.base import Plan, pad_rank
+from flora.routing import Routing
+
+if TYPE_CHECKING:
+    from flora.methods.lora import LoraBank
+
+# Leaf names of sibling layers that read the same input, per architecture family.
+SHARED_INPUT_LAYERS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),  # Llama, Mistral, Qwen2, Gemma, OPT, ...
+    frozenset({"gate_proj", "up_proj"}),  # Llama-style gated MLPs
+    frozenset({"w1", "w3"}),  # Mixtral experts
+    frozenset({"query", "key", "value"}),  # BERT-style attention
+)
+
+
+_NO_ROWS = Plan({}, torch.device("cpu"))
+
+
+class GroupRun:
+    """One routing's computation for a group: ``x -> [Δy_m for each member m]`` (each
+    ``[batch, tokens, out_m]``), and which members still have to read the last one.
+
+    ``position`` maps each member with rows in this batch to its index in that list. The last input
+    and its updates are kept until every member has read them."""
+
+    def __init__(self, kernel: Callable[[Tensor], list[Tensor]], position: dict[int, int], batch: int) -> None:
+        self.kernel = kernel
+        self.position = position
+        self.batch = batch
+        self.input: Tensor | None = None
+        self._deltas: list[Tensor] = []
+        self._pending = 0
+
+    def delta(self, bank: LoraBank, x: Tensor) -> Tensor:
+        """``bank``'s update for ``x: [..., in]`` (computed once for the members that share ``x``)."""
+        if self.input is not x:
+            self.input, self._deltas = x, self.kernel(x.reshape(self.batch, -1, x.shape[-1]))
+            self._pending = len(self.position)
+        delta = self._deltas[self.position[id(bank)]]
+        self._pending -= 1
+        if self._pending <= 0:  # every member has its update: hold nothing past this layer group
+            self.input, self._deltas = None, []
+        return delta
+
+
+class LoraGroup:
+    """The LoRA banks of sibling layers that read the same input (`AdapterModel` links them)."""
+
+    def __init__(self, banks: list[LoraBank]) -> None:
+        self.banks = banks
+
+    def computes_together(self, routing: Routing) -> bool:
+        """Whether the members share one computation: not while one trains with dropout (whose mask
+        is drawn per layer)."""
+        return not any(bank.training and any(bank.dropout[n] for n in (bank.plan(routing) or _NO_ROWS).groups)
+                       for bank in self.banks)  # fmt: skip
+
+    def member_delta(self, bank: LoraBank, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x -> [batch, tokens, bank.out_features]``: ``bank``'s update for ``routing``'s rows
+        (zero on rows without one of its adapters), for inputs shaped like the sample ``x``."""
+        if torch.is_grad_enabled():
+            return lambda x: self._run(routing, x).delta(bank, x)
+        run = self._run(routing, x)
+        return lambda x: run.delta(bank, x)
+
+    # -- per routing ---------------------------------------------------------------------------
+
+    def _run(self, routing: Routing, x: Tensor) -> GroupRun:
+        key = (id(self), "run", x.shape[:-1])  # prefill and decoding may choose different strategies
+        run = routing.memo.get(key)
+        if run is None or (torch.is_grad_enabled() and run.input is not x):
+            run = routing.memo[key] = self._build(routing, x)
+        return run
+
+    def _build(self, routing: Routing, x: Tensor) -> GroupRun:
+        members = [(bank, plan) for bank in self.banks if (plan := bank.plan(routing)) is not None]
+        names = list(dict.fromkeys(n for _, plan in members for n in plan.groups))
+        plan = Plan(routing.rows_by_adapter(names), routing.device)
+        x3 = x.reshape(routing.batch_size, -1, x.shape[-1])
+        lead = members[0][0]
+        shape = (lead.in_features, tuple((b.out_features, max(map(b.rank, p.groups))) for b, p in members))
+
+        def kernel(strategy: str) -> Callable[[Tensor], list[Tensor]]:
+            return lead.prepared(routing, (id(self), strategy), lambda: self._kernel(strategy, members, plan, routing))
+
+        strategy = lead.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)[0], shape)
+        position = {id(bank): i for i, (bank, _) in enumerate(members)}
+        return GroupRun(kernel(strategy), position, routing.batch_size)
+
+    def _kernel(
+        self, strategy: str, members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+    ) -> Callable[[Tensor], list[Tensor]]:
+        """``x: [batch, tokens, in] -> [Δy_m]`` for ``strategy`` (see `flora.kernels.lowrank`)."""
+        if strategy == "bmm":
+            a_rows, b_rows = self._row_tables(members, plan, routing)
+            return lambda x: lowrank_bmm(x, a_rows, b_rows)
+        columns, start = [], 0
+        for bank, _ in members:
+            columns.append((start, start + bank.out_features))
+            start += bank.out_features
+        stacked = {name: self._stacked(members, name) for name in plan.groups}
+        if strategy == "loop":
+            groups = [(plan.rows[name], *stacked[name]) for name in plan.groups]
+            return lambda x: _split(lowrank_loop(x, groups, start), columns)
+        order, segments, first = [], [], 0
+        for name, rows in plan.groups.items():
+            order.extend(rows)
+            segments.append((first, first + len(rows), *stacked[name]))
+            first += len(rows)
+        order_t = None if order == list(range(routing.batch_size)) else torch.tensor(order, device=routing.device)
+        return lambda x: _split(lowrank_segmented(x, order_t, segments, start), columns)
+
+    @staticmethod
+    def _stacked(members: list[tuple[LoraBank, Plan]], name: str) -> tuple[Tensor, Tensor]:
+        """``(A [R, in], B [R, O])`` of adapter ``name`` over the members, ``B`` block-diagonal (see
+        the module docstring); members without ``name`` contribute no rows and zero columns."""
+        out_features = sum(bank.out_features for bank, _ in members)
+        a, b, column = [], [], 0
+        for bank, _ in members:
+            if name in bank.lora_A:
+                a.append(bank.lora_A[name])
+                b.append(F.pad(bank.scaled_b(name).T, (column, out_features - column - bank.out_features)))
+            column += bank.out_features
+        return torch.cat(a), torch.cat(b)
+
+    @staticmethod
+    def _row_tables(
+        members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+    ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
+        """For `lowrank_bmm`: ``a_rows [batch, R, in]``, member ``m`` owning rows ``R_m`` (its largest
+        rank in the batch), and per member ``(start, stop, b_rows [batch, R_m, out_m])``: each member's
+        ``B`` is read on its own, not as a block-diagonal table that would triple what decoding reads
+        from memory. Rows of the batch without an adapter read all-zero entries. A handful of
+        operations per member, whatever the number of adapters."""
+        names = list(plan.groups)
+        ranks = [max(map(bank.rank, member_plan.groups)) for bank, member_plan in members]
+        like = next(bank.lora_A[n] for bank, member_plan in members for n in member_plan.groups)
+        a_table = like.new_zeros(len(names) + 1, sum(ranks), members[0][0].in_features)
+        b_tables, start = [], 0
+        for (bank, _), rank in zip(members, ranks, strict=True):
+            held = [(i, n) for i, n in enumerate(names, start=1) if n in bank.lora_A]
+            index = (
+                slice(1, None) if len(held) == len(names) else torch.tensor([i for i, _ in held], device=like.device)
+            )
+            a_table[index, start : start + rank] = torch.stack([pad_rank(bank.lora_A[n], rank, 0) for _, n in held])
+            b = torch.stack([pad_rank(bank.lora_B[n], rank, 1) for _, n in held]).transpose(1, 2)  # [n, r, out]
+            b_table = like.new_zeros(len(names) + 1, rank, bank.out_features)
+            b_table[index] = b * like.new_tensor([bank.scaling[n] for _, n in held]).view(-1, 1, 1)
+            b_tables.append((start, start + rank, b_table))
+            start += rank
+        index = [0] * routing.batch_size
+        for i, name in enumerate(names, start=1):
+            for r in plan.groups[name]:
+                index[r] = i
+        rows = torch.tensor(index, device=like.device)
+        return a_table.index_select(0, rows), [(s, e, table.index_select(0, rows)) for s, e, table in b_tables]
+
+
+def _split(delta: Tensor, columns: list[tuple[int, int]]) -> list[Tensor]:
+    return [delta[..., start:stop] for start, stop in columns]
+
+
+def link_groups(banks: Iterable[tuple[str, LoraBank]]) -> None:
+    """Give the LoRA banks of sibling layers that read the same input one shared `LoraGroup`
+    (``banks``: ``(module name, bank)`` in module order); every other bank is a group of one."""
+    siblings: dict[tuple[str, frozenset[str] | None], list[LoraBank]] = {}
+    for module, bank in banks:
+        parent, _, leaf = module.rpartition(".")
+        family = next((f for f in SHARED_INPUT_LAYERS if leaf in f), None)
+        siblings.setdefault((parent, family) if family else (module, None), []).append(bank)
+    for members in siblings.values():
+        group = LoraGroup(members) if len(members) > 1 else members[0].own_group
+        for bank in members:
+            bank.group = group

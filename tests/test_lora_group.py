@@ -1,0 +1,142 @@
+"""LoRA of sibling layers that read the same input (q/k/v, gate/up), computed together: which layers
+group, and that every strategy gives each row exactly what its adapter merged into the base gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from flora import AdapterModel, LoraConfig
+from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
+from flora.methods.lora_group import GroupRun
+
+CONFIGS = {  # adapter -> config: mixed ranks, and adapters that leave some siblings unadapted
+    "llama": {"r4": LoraConfig(r=4, alpha=8),
+              "r2": LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+              "r6": LoraConfig(r=6, alpha=3, target_modules=["k_proj", "gate_proj"])},
+    "gpt2": {"r4": LoraConfig(r=4, alpha=8), "r2": LoraConfig(r=2, alpha=2, target_modules=["c_attn"]),
+             "r6": LoraConfig(r=6, alpha=3, target_modules=["c_fc", "c_proj"])},
+}  # fmt: skip
+CONFIGS["qwen2"] = CONFIGS["llama"]
+
+
+def _randomized(model: AdapterModel, seed: int = 0) -> AdapterModel:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in model.list_adapters():
+            for key, parameter in model.adapter_parameters(name).items():
+                if "lora_B" in key:
+                    parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _model() -> AdapterModel:
+    model = AdapterModel(tiny_model("llama"))
+    for name, config in CONFIGS["llama"].items():
+        model.add_adapter(name, config)
+    return _randomized(model)
+
+
+def _group_of(model: AdapterModel, module: str):
+    return model.base_model.get_submodule(module).banks["lora"].group
+
+
+def test_siblings_that_read_the_same_input_share_one_group():
+    model = _model()
+    attention = "model.layers.0.self_attn"
+    mlp = "model.layers.0.mlp"
+    qkv = _group_of(model, f"{attention}.q_proj")
+    assert _group_of(model, f"{attention}.k_proj") is qkv and _group_of(model, f"{attention}.v_proj") is qkv
+    assert len(qkv.banks) == 3
+    gate_up = _group_of(model, f"{mlp}.gate_proj")
+    assert _group_of(model, f"{mlp}.up_proj") is gate_up and len(gate_up.banks) == 2
+    assert _group_of(model, f"{attention}.o_proj").banks == [
+        model.base_model.get_submodule(f"{attention}.o_proj").banks["lora"]
+    ]
+    assert _group_of(model, "model.layers.1.self_attn.q_proj") is not qkv  # another block, another group
+    model.delete_adapter("r4")  # o_proj loses its only LoRA adapter; q/k/v still group
+    assert "lora" not in getattr(model.base_model.get_submodule(f"{attention}.o_proj"), "banks", {})
+    assert len(_group_of(model, f"{attention}.q_proj").banks) == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # qwen2: q/k/v with biases; gpt2: Conv1D, no siblings
+@pytest.mark.parametrize("strategy", ["auto", "bmm", "loop", "segmented"])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["r4", "r2", "r6", None],  # every row its own adapter, rows already in adapter order
+        ["r6", None, "r4", "r6", "r2", "r4"],  # interleaved: a sort and a scatter
+        ["r2", "r2", "r2"],  # one adapter for the whole batch
+    ],
+)
+def test_each_row_equals_its_adapter_merged(arch, strategy, names):
+    model = AdapterModel(tiny_model(arch))
+    for name, config in CONFIGS[arch].items():
+        model.add_adapter(name, config)
+    _randomized(model)
+    model.strategy = strategy
+    ids = torch.randint(1, VOCAB, (len(names), 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            reference = model.merge_adapter(name) if name else model.base_model
+            expected = reference(ids[row : row + 1]).logits[0]
+            assert torch.allclose(mixed[row], expected, atol=2e-5, rtol=1e-4), (row, name)
+
+
+def test_generation_decodes_with_the_group_as_each_row_alone():
+    model = _model()
+    ids = torch.randint(1, VOCAB, (4, 6), generator=torch.Generator().manual_seed(5))
+    names = ["r4", "r2", "r6", None]
+    together = model.generate(ids, adapter_names=names, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    for row, name in enumerate(names):
+        alone = model.generate(
+            ids[row : row + 1], adapter_names=[name], max_new_tokens=6, min_new_tokens=6, do_sample=False
+        )
+        assert torch.equal(together[row], alone[0])
+
+
+def test_a_group_computes_once_per_input_and_again_for_another():
+    calls = []
+
+    def kernel(x):
+        calls.append(x)
+        return [x * 2, x * 3]
+
+    first, second = object(), object()
+    run = GroupRun(kernel, {id(first): 0, id(second): 1}, batch=2)
+    x = torch.ones(2, 1, 4)
+    assert torch.equal(run.delta(first, x), 2 * x) and torch.equal(run.delta(second, x), 3 * x)
+    assert len(calls) == 1 and run.input is None  # both read it: nothing is held
+    y = torch.full((2, 1, 4), 5.0)
+    assert torch.equal(run.delta(second, y), 3 * y)  # a member meeting a new input computes again
+    assert torch.equal(run.delta(first, x), 2 * x) and len(calls) == 3
+
+
+def test_training_with_dropout_gives_each_layer_its_own_mask():
+    model = AdapterModel(tiny_model("llama"))
+    model.add_adapter("d", LoraConfig(r=4, dropout=0.5))
+    group = _group_of(model, "model.layers.0.self_attn.q_proj")
+    routing = model._routing(["d", "d"], 2)
+    model.eval()
+    assert group.computes_together(routing)
+    model.train()
+    assert not group.computes_together(routing)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_strategies_of_the_kernels_agree(tokens):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, tokens, 8, generator=generator)
+    adapters = [(torch.randn(3, 8, generator=generator), torch.randn(3, 6, generator=generator)) for _ in range(3)]
+    rows = [[0, 1], [2], [3, 4]]  # rows already in adapter order
+    expected = torch.cat([x[r] @ a.T @ b for r, (a, b) in zip(rows, adapters, strict=True)])
+    loop = lowrank_loop(x, [(torch.tensor(r), a, b) for r, (a, b) in zip(rows, adapters, strict=True)], 6)
+    segments = [(r[0], r[-1] + 1, a, b) for r, (a, b) in zip(rows, adapters, strict=True)]
+    in_order = lowrank_segmented(x, None, segments, 6)
+    a_rows = torch.stack([adapters[i][0] for i, r in enumerate(rows) for _ in r])
+    b_rows = torch.stack([adapters[i][1] for i, r in enumerate(rows) for _ in r])
+    (bmm,) = lowrank_bmm(x, a_rows, [(0, 3, b_rows)])
+    for result in (loop, in_order, bmm):
+        assert torch.allclose(result, expected, atol=1e-5)
