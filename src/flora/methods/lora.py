@@ -150,7 +150,7 @@ class LoraBank(Bank):
         return lambda x, out: out + delta(x).reshape(out.shape)
 
     def fused_step(self, plan, routing, layer, x):
-        """``addmm(Δ, x, W0ᵀ)`` (plus the bias): the update enters the base matmul as its input term."""
+        """``Δ + x W0ᵀ`` (plus the bias): the base matmul accumulates into the update (``addmm``)."""
         if self._dropout(plan, routing) is not None:
             return None
         delta = self._delta(plan, routing, x)
@@ -158,7 +158,12 @@ class LoraBank(Bank):
         bias = layer.base_layer.bias
 
         def step(x: Tensor) -> Tensor:
-            out = torch.addmm(delta(x).reshape(-1, self.out_features), x.reshape(-1, self.in_features), weight_in_out)
+            update, x2 = delta(x).reshape(-1, self.out_features), x.reshape(-1, self.in_features)
+            # In place without autograd; under it, the update may be a column slice whose storage a
+            # sibling's output (saved for backward) shares.
+            out = (
+                torch.addmm(update, x2, weight_in_out) if torch.is_grad_enabled() else update.addmm_(x2, weight_in_out)
+            )
             if bias is not None:
                 out = out + bias
             return out.view(*x.shape[:-1], self.out_features)

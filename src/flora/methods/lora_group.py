@@ -69,11 +69,13 @@ class GroupRun:
         self._pending = 0
 
     def delta(self, bank: LoraBank, x: Tensor) -> Tensor:
-        """``bank``'s update for ``x: [..., in]`` (computed once for the members that share ``x``)."""
-        if self.input is not x:
+        """``bank``'s update for ``x: [..., in]``, computed once for the members that share ``x`` and
+        handed to each member once: the member owns it (and may add into it in place)."""
+        slot = self.position[id(bank)]
+        if self.input is not x or self._deltas[slot] is None:
             self.input, self._deltas = x, self.kernel(x.reshape(self.batch, -1, x.shape[-1]))
             self._pending = len(self.position)
-        delta = self._deltas[self.position[id(bank)]]
+        delta, self._deltas[slot] = self._deltas[slot], None
         self._pending -= 1
         if self._pending <= 0:  # every member has its update: hold nothing past this layer group
             self.input, self._deltas = None, []
