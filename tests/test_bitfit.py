@@ -116,8 +116,10 @@ def test_bitfit_training_lowers_the_loss():
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_bitfit_merge_adds_the_delta_to_the_bias(arch):
-    """Llama/Qwen2 projections have no bias: merging creates one; GPT-2's Conv1D biases are added to."""
+    """Llama projections have no bias: merging creates one; GPT-2's Conv1D biases are added to.
+    (Qwen2 has no config option for biases on o_proj and the MLP: test_merge.py tests the refusal.)"""
     model = _mixed_model(arch)
     merged = model.merge_adapter("a")
     assert type(merged) is type(tiny_model(arch))

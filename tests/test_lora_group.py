@@ -140,3 +140,19 @@ def test_strategies_of_the_kernels_agree(tokens):
     (bmm,) = lowrank_bmm(x, a_rows, [(0, 3, b_rows)])
     for result in (loop, in_order, bmm):
         assert torch.allclose(result, expected, atol=1e-5)
+
+
+def test_adapters_added_to_a_model_in_eval_mode_apply_no_dropout():
+    model = AdapterModel(tiny_model("llama"))  # load_base and tiny_model give models in eval mode
+    assert not model.training
+    model.add_adapter("d", LoraConfig(r=4, dropout=0.5))
+    _randomized(model)
+    assert not any(module.training for module in model.modules())
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = (model(ids, adapter_names=["d", "d"]).logits for _ in range(2))
+        merged = model.merge_adapter("d")(ids).logits
+    assert torch.equal(first, second) and torch.allclose(first, merged, atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids, adapter_names=["d", "d"]).logits, first)  # training: dropout

@@ -55,8 +55,10 @@ class AdaptedLayer(nn.Module):
 
     def bank(self, bank_class: type[Bank]) -> Bank:
         """This layer's bank of ``bank_class``, created on first use."""
-        if bank_class.method not in self.banks:
-            self.banks[bank_class.method] = bank_class(self.in_features, self.out_features, self._state[0])
+        if bank_class.method not in self.banks:  # in this layer's mode: no dropout added to a model in eval
+            self.banks[bank_class.method] = bank_class(self.in_features, self.out_features, self._state[0]).train(
+                self.training
+            )
         return self.banks[bank_class.method]
 
     def drop_empty_banks(self) -> None:

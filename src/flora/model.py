@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -26,8 +27,9 @@ from flora.base import load_base
 from flora.io import KEY_PREFIX, read_adapter_dir, split_key, write_adapter_dir
 from flora.kernels.autotune import Autotuner
 from flora.layer import ADAPTABLE, AdaptedLayer, weight_out_in
-from flora.methods import METHODS, AdapterConfig, method_for
+from flora.methods import METHODS, AdapterConfig, Bank, method_for
 from flora.methods.base import ADAPTER_NAME
+from flora.methods.lora_group import link_groups
 from flora.methods.prompt import PromptLearningConfig
 from flora.routing import Routing, RoutingState
 from flora.virtual_tokens import VIRTUAL_METHODS, VirtualTokens, virtual_config_class
@@ -64,6 +66,7 @@ class AdapterModel(nn.Module):
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
         self.virtual_tokens = VirtualTokens()
+        self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=torch.float32, device="cpu", **kwargs):
@@ -111,8 +114,16 @@ class AdapterModel(nn.Module):
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> str:
         """Load a Hugging Face PEFT adapter directory (or one saved by flora) as ``adapter_name``."""
+        return self.install_adapter(adapter_name, *read_adapter_dir(path), path=path)
+
+    def install_adapter(
+        self, adapter_name: str, data: dict, tensors: dict[str, Tensor], path: str | os.PathLike = "<memory>"
+    ) -> str:
+        """Add ``adapter_name`` from an adapter directory already read (``flora.io.read_adapter_dir``:
+        its ``adapter_config.json`` content and tensors), so that the files can be read on another
+        thread than the one that changes the model (a server). Refuses, changing nothing, an adapter
+        whose layers or shapes do not fit this base model."""
         self._check_new_name(adapter_name)
-        data, tensors = read_adapter_dir(path)
         source = str(Path(path) / "adapter_config.json")
         virtual = virtual_config_class(data["peft_type"])
         if virtual is not None:
@@ -188,7 +199,15 @@ class AdapterModel(nn.Module):
         }
 
     def merge_adapter(self, adapter_name: str) -> PreTrainedModel:
-        """A plain transformers model (a copy) with ``adapter_name`` folded into its weights."""
+        """A plain transformers model (a copy) with ``adapter_name`` folded into its weights.
+
+        The copy's config declares every merged parameter, so ``save_pretrained`` then
+        ``from_pretrained`` gives back the same model: where the merge adds biases that the config
+        lacks (BitFit on Llama), the config options that create them are turned on (Llama's
+        ``attention_bias``, ``mlp_bias``) and the other layers they cover get zero biases; where it
+        changes an output layer tied to the input embeddings, the two are untied
+        (``tie_word_embeddings=False``). Where no config option declares an added bias (Qwen2's
+        ``o_proj`` and MLP), a ValueError names the layers instead of a model that loses them."""
         config = self._config_of(adapter_name)
         if self.virtual_tokens.holds(adapter_name):
             raise ValueError(
@@ -196,15 +215,14 @@ class AdapterModel(nn.Module):
                 f"so it cannot be merged into the base model (run it with adapter_names=[...] instead)"
             )
         merged = copy.deepcopy(self.base_model)
+        tied = _tied_parameter_ids(merged)
         with torch.no_grad():
             for module, layer in list(_adapted_layers_of(merged)):
-                base = layer.base_layer
                 for bank in layer.banks.values():
                     if adapter_name in bank.adapters():
-                        if bank.merge_adds_bias and base.bias is None:
-                            base.bias = nn.Parameter(base.weight.new_zeros(layer.out_features))
-                        bank.merge_into(adapter_name, weight_out_in(base), base.bias)
-                merged.set_submodule(module, base)
+                        _merge_into_layer(merged, layer, bank, adapter_name, tied)
+                merged.set_submodule(module, layer.base_layer)
+            _declare_merged_parameters(merged, f"adapter {adapter_name!r} ({config.peft_type})")
         for parameter in merged.parameters():
             parameter.requires_grad_(True)
         return merged
@@ -259,9 +277,32 @@ class AdapterModel(nn.Module):
         with self.routed(adapter_names, batch) as routing, self.virtual_tokens.generating(self.base_model, routing):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def routed(self, adapter_names: Sequence[str | None] | None, batch_size: int):
-        """Within the block, forward passes route row ``i`` through ``adapter_names[i]``."""
+    def routed(self, adapter_names: Sequence[str | None] | Routing | None, batch_size: int | None = None):
+        """Within the block, forward passes route row ``i`` through ``adapter_names[i]`` (or through a
+        `Routing` from `routing`, reused across calls so that its per-routing work is done once)."""
+        if isinstance(adapter_names, Routing) or (adapter_names is None and batch_size is None):
+            return self._routing_in_force(adapter_names)
         return self._routing_in_force(self._routing(adapter_names, batch_size))
+
+    def routing(self, adapter_names: Sequence[str | None]) -> Routing | None:
+        """The `Routing` of a batch whose row ``i`` uses ``adapter_names[i]`` (``None`` when no row uses
+        an adapter). A caller that runs many forward passes over the same rows (incremental decoding)
+        keeps it and passes it to `routed`: strategies and per-row weights are then worked out once."""
+        return self._routing(adapter_names, len(adapter_names))
+
+    def virtual_token_layout(self, routing: Routing | None) -> tuple[Tensor, Tensor] | None:
+        """For incremental decoding outside `generate`: what `forward` puts in front of each row's tokens
+        for prompt- and prefix-tuning adapters, ``(mask [batch, Np + Nv], shift [batch])``: the cache
+        columns of the virtual tokens (1 on a row's own, 0 on padding) and how far the positions of
+        the row's real tokens move. ``None`` when no row of ``routing`` has virtual tokens."""
+        plan = self.virtual_tokens.plan(routing)
+        if plan is None:
+            return None
+        return plan.virtual_mask(torch.long), plan.offset[:, 0]
+
+    def adapter_nbytes(self, adapter_name: str) -> int:
+        """Bytes held by ``adapter_name``'s tensors."""
+        return sum(t.numel() * t.element_size() for t in self.adapter_parameters(adapter_name).values())
 
     @contextmanager
     def _routing_in_force(self, routing: Routing | None) -> Iterator[Routing | None]:
@@ -324,6 +365,7 @@ class AdapterModel(nn.Module):
         except BaseException:
             self._uninstall(name)
             raise
+        self._link_groups()
         for parameter in self.adapter_parameters(name).values():
             parameter.requires_grad_(True)
 
@@ -340,11 +382,16 @@ class AdapterModel(nn.Module):
             layer.drop_empty_banks()
             if not layer.banks:
                 self.base_model.set_submodule(module, layer.base_layer)
+        self._link_groups()
+
+    def _link_groups(self) -> None:
+        """LoRA banks of sibling layers that read the same input compute together (`flora.methods.lora_group`)."""
+        link_groups((module, layer.banks["lora"]) for module, layer in self._adapted_layers() if "lora" in layer.banks)
 
     def _wrap(self, module_name: str) -> AdaptedLayer:
         module = self.base_model.get_submodule(module_name)
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module, self.routing_state)
+            module = AdaptedLayer(module, self.routing_state).train(module.training)
             self.base_model.set_submodule(module_name, module)
         return module
 
@@ -377,6 +424,109 @@ def _adapted_layers_of(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
+
+
+def _merge_into_layer(
+    model: PreTrainedModel, layer: AdaptedLayer, bank: Bank, adapter_name: str, tied: set[int]
+) -> None:
+    """Fold ``adapter_name`` of ``bank`` into ``layer.base_layer`` in place (a bias-less layer first
+    gets a zero bias if the method adds to it). A weight tied to another parameter (an output layer
+    sharing the input embeddings) is untied first, in the module and in ``model.config``
+    (``tie_word_embeddings = False``): the merge changes the output layer only."""
+    base = layer.base_layer
+    if bank.merge_adds_bias and base.bias is None:
+        base.bias = nn.Parameter(base.weight.new_zeros(layer.out_features))
+    if id(base.weight) in tied:
+        base.weight = nn.Parameter(base.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    bank.merge_into(adapter_name, weight_out_in(base), base.bias)
+
+
+def _declare_merged_parameters(merged: PreTrainedModel, what: str) -> None:
+    """Make ``merged.config`` declare the parameters the merge added, so that ``from_pretrained`` of
+    ``merged.save_pretrained(...)`` rebuilds them: turn on the config's boolean ``*bias*`` options
+    that create them; the other layers those options cover get zero biases (the identity). A
+    ValueError, naming the layers, where no option creates them or where a reload would tie tensors
+    that the merge made different."""
+    model_class = type(merged)
+    shapes, ties = _parameter_layout(merged)
+    expected, expected_ties = _layout_from_config(model_class, merged.config)
+    added = shapes.keys() - expected.keys()
+    options = {}
+    if added:
+        options = {
+            k: created for k, created in _bias_options(model_class, merged.config, expected).items() if created & added
+        }
+        for option in options:
+            setattr(merged.config, option, True)
+        expected, expected_ties = _layout_from_config(model_class, merged.config)
+    undeclared = shapes.keys() - expected.keys()
+    if undeclared:
+        with_bias = [n.removesuffix(".bias") for n in expected if n.endswith(".bias")]
+        with_bias = [n for n in with_bias if isinstance(merged.get_submodule(n), ADAPTABLE)]
+        raise ValueError(
+            f"cannot merge {what} into {model_class.__name__}: the merge adds biases to "
+            f"{_layer_patterns(undeclared)}, which {type(merged.config).__name__} has no option to declare, so "
+            f"save_pretrained + from_pretrained would drop them (expected target_modules with a bias of their own: "
+            f"{_layer_patterns(with_bias) or 'none'}; or run the adapter unmerged with adapter_names=[...])"
+        )
+    for name in sorted(set().union(*options.values()) - shapes.keys()):
+        module_name, _, param = name.rpartition(".")
+        module = merged.get_submodule(module_name)
+        setattr(module, param, nn.Parameter(module.weight.new_zeros(expected[name])))
+    retied = [group for group in expected_ties if group not in ties]
+    if retied:
+        raise ValueError(
+            f"cannot merge {what} into {model_class.__name__}: the merge makes {_layer_patterns(retied[0])} "
+            f"different, but the config ties them, so save_pretrained + from_pretrained would make them equal again"
+        )
+
+
+def _parameter_layout(model: nn.Module) -> tuple[dict[str, torch.Size], set[frozenset[str]]]:
+    """``({parameter name: shape}, {the names of each tensor shared under several names})``."""
+    names_of: dict[int, list[str]] = {}
+    shapes = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        shapes[name] = parameter.shape
+        names_of.setdefault(id(parameter), []).append(name)
+    return shapes, {frozenset(names) for names in names_of.values() if len(names) > 1}
+
+
+def _layout_from_config(
+    model_class: type[PreTrainedModel], config
+) -> tuple[dict[str, torch.Size], set[frozenset[str]]]:
+    """The `_parameter_layout` of the model that ``from_pretrained`` builds from ``config`` (on the meta device)."""
+    with torch.device("meta"):
+        return _parameter_layout(model_class(copy.deepcopy(config)))
+
+
+def _bias_options(model_class: type[PreTrainedModel], config, expected: dict[str, torch.Size]) -> dict[str, set[str]]:
+    """``config``'s boolean options named ``*bias*`` that are off and, turned on, only add ``.bias``
+    parameters to the ``expected`` layout: ``{option: the parameter names it adds}``."""
+    options = {}
+    for option, value in config.to_dict().items():
+        if "bias" not in option or value is not False:
+            continue
+        trial = copy.deepcopy(config)
+        setattr(trial, option, True)
+        names = _layout_from_config(model_class, trial)[0].keys()
+        created = names - expected.keys()
+        if created and expected.keys() <= names and all(n.endswith(".bias") for n in created):
+            options[option] = created
+    return options
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    """The ids of parameters that ``model`` holds under more than one name (tied weights)."""
+    _, ties = _parameter_layout(model)
+    return {id(model.get_parameter(name)) for names in ties for name in names}
+
+
+def _layer_patterns(names) -> str:
+    """``"model.layers.*.mlp.up_proj, ..."``: module names with the layer numbers folded, parameter suffixes dropped."""
+    return ", ".join(
+        sorted({re.sub(r"\.\d+\.", ".*.", n.removesuffix(".bias").removesuffix(".weight")) for n in names})
+    )
 
 
 def _batch_size(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int:

@@ -1,9 +1,9 @@
 """Pick the fastest strategy for a per-example operator by measuring, once per key.
 
 The key names everything that changes which strategy wins: the operator and its layer shape,
-the rank, the batch size, the number of tokens per row (bucketed), the number of distinct adapters,
-the device and the dtype. All candidates compute the same function, so the choice never changes
-results beyond float rounding.
+the rank, the batch size, the number of tokens per row, the number of distinct adapters (each
+bucketed to a power of two), the device and the dtype. All candidates compute the same function,
+so the choice never changes results beyond float rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import Tensor
 
 
 def token_bucket(tokens: int) -> int:
-    """1 for decoding, else the next power of two (prefill shapes of similar length share a key)."""
+    """1 for decoding, else the next power of two (prefill shapes of similar length share a key; so
+    do batches of similar size and composition)."""
     return 1 if tokens <= 1 else 1 << (tokens - 1).bit_length()
 
 

@@ -204,9 +204,10 @@ class Bank(nn.Module):
             return self.strategies[0]
         if shape is None:
             shape = (self.in_features, self.out_features, max(self.rank(n) for n in plan.groups))
+        # Sizes are bucketed (powers of two): a server's ever-changing batches share measurements.
         key = (
-            self.method, shape, x.shape[0], token_bucket(x.shape[1]), len(plan.groups),
-            sum(map(len, plan.groups.values())), x.device.type, x.dtype, torch.is_grad_enabled(),
+            self.method, shape, token_bucket(x.shape[0]), token_bucket(x.shape[1]), token_bucket(len(plan.groups)),
+            token_bucket(sum(map(len, plan.groups.values()))), x.device.type, x.dtype, torch.is_grad_enabled(),
         )  # fmt: skip
         return self.state.tuner.pick(key, {name: trial(name) for name in self.strategies})
 

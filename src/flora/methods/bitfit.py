@@ -12,7 +12,8 @@ Linear/Conv1D layers only, so those are not part of an adapter.
 
 Per row, the deltas are gathered into ``[batch, 1, out]`` (zeros for rows without one) and added:
 there is no matmul to batch, so BitFit has one strategy (``gather``). Merging adds ``Δb`` into the
-base bias, creating a bias on layers that have none.
+base bias, creating a bias on layers that have none (`AdapterModel.merge_adapter` then turns on the
+config options that declare them, such as Llama's ``attention_bias``, or refuses where none can).
 
 Saved in PEFT's layout with flora's own ``peft_type = "BITFIT"``: per module one tensor
 ``base_model.model.<module>.bitfit_bias`` of shape ``[out]``.
