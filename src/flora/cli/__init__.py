@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flora.cli import demo, eval, models, tasks, train
+from flora.cli import demo, eval, models, serve, study, tasks, train
 
-SUBCOMMANDS = (models, demo, tasks, train, eval)
+SUBCOMMANDS = (models, demo, tasks, train, eval, serve, study)
 
 
 def build_parser() -> argparse.ArgumentParser:

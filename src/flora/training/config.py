@@ -157,6 +157,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def steps_for(self, examples: int) -> int:
+        """Optimizer steps of this job over ``examples`` training examples: ``max_steps``, else
+        ``ceil(epochs x ceil(examples / batch_size))`` (as Trainer counts them)."""
+        return self.max_steps or math.ceil(self.epochs * math.ceil(examples / self.batch_size))
+
     def identity(self) -> dict[str, Any]:
         """The settings that decide what is trained (all but output dir, resume, checkpoints, logging)."""
         return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}

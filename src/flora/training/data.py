@@ -2,9 +2,9 @@
 
 Owns `AdapterExample` (adapter, prompt, response), the selection of training instances from the
 built-in suite or data files (`load_training_samples`), the assignment of instances to adapters
-(one adapter, one per task or category, or explicit groups: `assign_adapters`), and the tokenized
-dataset and collator that carry each row's adapter name into the batch (`EncodedExamples`,
-`MixedAdapterCollator`).
+(one adapter, one per task or category, or explicit groups: `assign_adapters`; with each adapter's
+config: `resolve_job_data`), and the tokenized dataset and collator that carry each row's adapter
+name into the batch (`encode_training_examples`, `EncodedExamples`, `MixedAdapterCollator`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ from flora.data.formats import (
     load_sni,
     read_task_names,
 )
-from flora.data.templates import Sample, samples_from_alpaca, samples_from_prompt_completion, samples_from_tasks
+from flora.data.templates import (
+    Sample,
+    Template,
+    samples_from_alpaca,
+    samples_from_prompt_completion,
+    samples_from_tasks,
+)
+from flora.methods import AdapterConfig
 from flora.training.config import TrainConfig
-from flora.training.hyperparameters import FULL
+from flora.training.hyperparameters import FULL, build_adapter_config
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,59 @@ def assign_adapters(samples: Sequence[Sample], config: TrainConfig) -> tuple[lis
         if clashes:
             raise ValueError(f"different {config.adapter_per}s give the same adapter name: {clashes}")
     return names, {name: sorted(groups[name]) for name in sorted(groups)}
+
+
+def resolve_job_data(
+    config: TrainConfig,
+) -> tuple[list[tuple[Sample, str]], list[str | None], dict[str, list[str]], dict[str, AdapterConfig]]:
+    """What a job trains, before any model loads: ``(loaded, adapter_of, groups, adapter_configs)``.
+
+    ``loaded``: `load_training_samples`; ``adapter_of`` and ``groups``: `assign_adapters`;
+    ``adapter_configs``: each adapter's method config (``settings`` with its ``adapter_settings``).
+    Raises for no examples, and for ``adapter_lr`` / ``adapter_settings`` naming adapters the job lacks.
+    """
+    loaded = load_training_samples(config)
+    if not loaded:
+        raise ValueError(f"no training examples in {config.data or 'the built-in suite'} (expected at least one)")
+    adapter_of, groups = assign_adapters([s for s, _ in loaded], config)
+    unknown_adapters = sorted((set(config.adapter_lr) | set(config.adapter_settings)) - set(groups))
+    if unknown_adapters:
+        raise ValueError(f"adapter_lr / adapter_settings name adapters {unknown_adapters} that this run does not "
+                         f"train (adapters: {', '.join(groups) or 'none: full fine-tuning'})")  # fmt: skip
+    adapter_configs = {
+        name: build_adapter_config(config.method, {**config.settings, **config.adapter_settings.get(name, {})},
+                                   f"adapter {name}: ")
+        for name in groups
+    }  # fmt: skip
+    return loaded, adapter_of, groups, adapter_configs
+
+
+def encode_training_examples(
+    config: TrainConfig,
+    loaded: Sequence[tuple[Sample, str]],
+    adapter_of: Sequence[str | None],
+    tokenizer,
+    max_length: int | None,
+) -> tuple[EncodedExamples, dict[str, Template], int]:
+    """The tokenized training set of a job: ``(dataset, {template name: Template}, dropped)``.
+
+    Each sample of ``loaded`` (`load_training_samples`) is rendered with ``config.template`` or its
+    default template and trains ``adapter_of[i]``; examples are cut to ``max_length`` tokens, and
+    those whose response is cut off entirely are dropped (``dropped`` counts them).
+    """
+    used = sorted({config.template or default for _, default in loaded})
+    template_of = {name: Template(name, config.pos_examples if name == "sni" else 0, config.chat) for name in used}
+    examples = [
+        AdapterExample(adapter, template_of[config.template or default].render(sample, tokenizer), sample.references[0])
+        for (sample, default), adapter in zip(loaded, adapter_of, strict=True)
+    ]  # fmt: skip
+    dataset = EncodedExamples(examples, tokenizer, max_length)
+    kept = [i for i, item in enumerate(dataset.items) if any(label != -100 for label in item["labels"][1:])]
+    if not kept:
+        raise ValueError(f"every example's response is cut off by max_length={max_length} (no tokens to train on)")
+    dropped = len(dataset.items) - len(kept)
+    dataset.items = [dataset.items[i] for i in kept]
+    return dataset, template_of, dropped
 
 
 class EncodedExamples(Dataset):

@@ -24,17 +24,16 @@ import torch
 import torch.distributed as dist
 from transformers import TrainingArguments
 
-from flora.data.templates import Template
 from flora.model import AdapterModel
 from flora.training.config import TrainConfig
 from flora.training.data import (
     AdapterExample,
     EncodedExamples,
     MixedAdapterCollator,
-    assign_adapters,
-    load_training_samples,
+    encode_training_examples,
+    resolve_job_data,
 )
-from flora.training.hyperparameters import FULL, build_adapter_config
+from flora.training.hyperparameters import FULL
 from flora.training.outputs import (
     ADAPTERS_DIR,
     LOG_FILE,
@@ -109,22 +108,9 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: An
     micro_batch, accumulation = _batch_layout(config, world)
 
     # Data and adapters first: bad input fails before the model is loaded.
-    loaded = load_training_samples(config)
-    if not loaded:
-        raise ValueError(f"no training examples in {config.data or 'the built-in suite'} (expected at least one)")
-    samples = [s for s, _ in loaded]
-    adapter_of, groups = assign_adapters(samples, config)
-    unknown_adapters = sorted((set(config.adapter_lr) | set(config.adapter_settings)) - set(groups))
-    if unknown_adapters:
-        raise ValueError(f"adapter_lr / adapter_settings name adapters {unknown_adapters} that this run does not "
-                         f"train (adapters: {', '.join(groups) or 'none: full fine-tuning'})")  # fmt: skip
-    adapter_configs = {
-        name: build_adapter_config(config.method, {**config.settings, **config.adapter_settings.get(name, {})},
-                                   f"adapter {name}: ")
-        for name in groups
-    }  # fmt: skip
+    loaded, adapter_of, groups, adapter_configs = resolve_job_data(config)
 
-    args = _training_arguments(config, micro_batch, accumulation, multiple=len(groups) > 1)
+    args = training_arguments(config, micro_batch, accumulation, multiple=len(groups) > 1)
     if args.world_size != world:
         raise RuntimeError(f"WORLD_SIZE says {world} processes but the distributed state has {args.world_size}")
     mode, checkpoint = check_output_dir(config)
@@ -146,24 +132,14 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: An
     for name, adapter_config in adapter_configs.items():
         model.add_adapter(name, adapter_config)
 
-    used = sorted({config.template or default for _, default in loaded})
-    template_of = {name: Template(name, config.pos_examples if name == "sni" else 0, config.chat) for name in used}
-    examples = [
-        AdapterExample(adapter, template_of[config.template or default].render(sample, tokenizer), sample.references[0])
-        for (sample, default), adapter in zip(loaded, adapter_of, strict=True)
-    ]
     max_length = config.max_length or getattr(model.config, "max_position_embeddings", None)
-    dataset = EncodedExamples(examples, tokenizer, max_length)
-    kept = [i for i, item in enumerate(dataset.items) if any(label != -100 for label in item["labels"][1:])]
-    if not kept:
-        raise ValueError(f"every example's response is cut off by max_length={max_length} (no tokens to train on)")
-    if len(kept) < len(dataset.items):
-        _say(f"dropped {len(dataset.items) - len(kept)} examples whose response max_length={max_length} cuts off", args)
-        dataset.items = [dataset.items[i] for i in kept]
+    dataset, template_of, dropped = encode_training_examples(config, loaded, adapter_of, tokenizer, max_length)
+    if dropped:
+        _say(f"dropped {dropped} examples whose response max_length={max_length} cuts off", args)
 
     if args.should_save and mode != "resume":
         write_config(out, config, args, micro_batch, accumulation, groups, adapter_configs, dataset, template_of)
-    steps = config.max_steps or math.ceil(config.epochs * math.ceil(len(dataset) / config.batch_size))
+    steps = config.steps_for(len(dataset))
     _say(f"{len(dataset)} examples, {len(groups) or 'full model'}"
          f"{' adapters' if len(groups) > 1 else ' adapter' if groups else ''}, {steps} steps of {config.batch_size} "
          f"({world} process(es) x {micro_batch} x {accumulation} accumulation), method {config.method}"
@@ -218,7 +194,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _training_arguments(config: TrainConfig, micro_batch: int, accumulation: int, multiple: bool) -> TrainingArguments:
+def training_arguments(config: TrainConfig, micro_batch: int, accumulation: int, multiple: bool) -> TrainingArguments:
+    """The ``TrainingArguments`` of a job: its schedule and run settings, ``micro_batch`` examples per
+    forward pass per process, ``accumulation`` micro-batches per step (``multiple``: several adapters)."""
     warmup: float = config.warmup_steps if config.warmup_steps is not None else config.warmup_ratio
     extra = dict(config.training_args)
     extra.setdefault("dataloader_pin_memory", torch.cuda.is_available() and config.device != "cpu")

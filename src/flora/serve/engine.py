@@ -1,0 +1,369 @@
+"""The engine: continuous batching of requests that each use their own adapter, on one thread.
+
+Every iteration of the engine's loop, between two decoding steps:
+
+1. the adapter registry's pending work is applied (adapters read on a worker thread are installed,
+   evicted or retired ones removed);
+2. aborted requests (client gone, stop string seen) leave the batch at once;
+3. waiting requests are admitted while the limits allow (``max_num_seqs`` rows,
+   ``max_num_batched_tokens`` tokens per step); a request whose adapter is still loading is
+   skipped, not waited for. Admitted requests are prefilled together, one forward over their
+   left-padded prompts with each row's adapter (`AdapterModel.forward`, which also puts prompt- and
+   prefix-tuning rows' virtual tokens in front), and their key/value caches join the running batch
+   (`flora.serve.batch_cache`);
+4. one decoding step for all running rows: one forward of ``[rows, 1]`` tokens over the shared
+   cache with each row's adapter (the `Routing` is reused while the rows stay the same), then
+   every row's next token (`flora.serve.sampling`);
+5. finished rows leave: end of sequence, ``max_tokens``, or the context limit.
+
+Each row sees only its own columns of the cache (the attention mask) at its own positions, so its
+tokens are those of `AdapterModel.generate` for that prompt alone, whatever shares the batch.
+
+``batching`` picks the policy: ``continuous`` (the above), ``static`` (a batch is formed only when
+none runs, and runs to completion) or ``one-adapter`` (the batch holds one adapter's requests at a
+time, as a server switching PEFT's active adapter would): the last two are baselines for the
+load benchmark.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flora.model import AdapterModel
+from flora.serve.batch_cache import BatchCache, check_regroupable, join, keep
+from flora.serve.metrics import ServerMetrics
+from flora.serve.registry import AdapterRegistry, AdapterVersion
+from flora.serve.sampling import next_tokens
+
+logger = logging.getLogger("flora.serve")
+
+BATCHING = ("continuous", "static", "one-adapter")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_queue`` (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request's tokens are chosen and when it ends."""
+
+    max_tokens: int
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Token:
+    """A generated token."""
+
+    token_id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request ended: ``reason`` is ``stop``, ``length``, ``abort`` or ``error`` (``message`` says why)."""
+
+    reason: str
+    message: str | None = None
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """A request as the engine sees it. ``emit`` delivers its events (thread-safe, non-blocking)."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterVersion | None
+    emit: Callable[[Token | Finished], None]
+    arrival: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)
+    seed: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def adapter_name(self) -> str | None:
+        return None if self.adapter is None else self.adapter.name
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    max_queue: int = 1024
+
+
+class Engine:
+    """Continuous batching over an `AdapterModel` (see the module docstring). `start` runs the loop
+    on a thread of its own; `submit` and `abort` may be called from any thread."""
+
+    def __init__(
+        self,
+        model: AdapterModel,
+        registry: AdapterRegistry,
+        limits: EngineLimits,
+        metrics: ServerMetrics,
+        batching: str = "continuous",
+        eos_token_ids: set[int] | None = None,
+        pad_token_id: int = 0,
+    ) -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching {batching!r} is unknown (expected one of {', '.join(BATCHING)})")
+        self.model = model
+        self.registry = registry
+        self.limits = limits
+        self.metrics = metrics
+        self.batching = batching
+        self.eos_token_ids = eos_token_ids or set()
+        self.pad_token_id = pad_token_id
+        self._inbox: deque[EngineRequest] = deque()
+        self._aborts: set[str] = set()
+        self._wakeup = threading.Condition()
+        self._seeds = itertools.count(0x5EED)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.waiting: list[EngineRequest] = []
+        self.running: list[EngineRequest] = []
+        self._batch: BatchCache | None = None
+        self._routing = None
+        self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), "temperature", "top_p"
+        self._tokens: Tensor | None = None  # [rows]: each running row's last token
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="flora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue ``request``; `QueueFullError` when ``max_queue`` requests already wait."""
+        with self._wakeup:
+            if len(self._inbox) + len(self.waiting) >= self.limits.max_queue:
+                raise QueueFullError(
+                    f"the server is at capacity: {self.limits.max_queue} requests are already waiting (--max-queue)"
+                )
+            if request.params.seed is None:
+                request.seed = next(self._seeds) * 7919 + int(time.time_ns() % 1_000_003)
+            else:
+                request.seed = request.params.seed
+            self._inbox.append(request)
+            self._wakeup.notify()
+
+    def abort(self, request_id: str) -> None:
+        """End ``request_id`` at the next step boundary (its slot is freed; it gets ``Finished("abort")``)."""
+        with self._wakeup:
+            self._aborts.add(request_id)
+            self._wakeup.notify()
+
+    def wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._inbox) + len(self.waiting)
+
+    # -- the engine's thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                idle = not (self._inbox or self._aborts or self.running or self._admissible())
+                if idle and not self.registry.waiting_installs() and not self._stopping:
+                    self._wakeup.wait(timeout=0.5)
+                if self._stopping:
+                    break
+                self.waiting.extend(self._inbox)
+                self._inbox.clear()
+                aborts, self._aborts = self._aborts, set()
+            try:
+                with torch.inference_mode():
+                    self._step(aborts)
+            except Exception as err:  # noqa: BLE001  (a failed step fails its requests, not the server)
+                logger.exception("engine step failed")
+                for request in self.running + self.waiting:
+                    self._finish(request, Finished("error", f"the engine failed: {err}"))
+                self.running, self.waiting, self._batch, self._routing, self._rows = [], [], None, None, {}
+        for request in self.running + self.waiting + list(self._inbox):
+            self._finish(request, Finished("abort", "the server is shutting down"))
+
+    def _step(self, aborts: set[str]) -> None:
+        if self.registry.apply(self.model):
+            self._routing = None  # adapters changed: per-routing work is redone
+        for request in [r for r in self.waiting if r.id in aborts]:
+            self.waiting.remove(request)
+            self._finish(request, Finished("abort"))
+        for request in [r for r in self.waiting if r.adapter is not None and r.adapter.state == "failed"]:
+            self.waiting.remove(request)
+            self._finish(request, Finished("error", request.adapter.error))
+        if aborts and any(r.id in aborts for r in self.running):
+            for request in self.running:
+                if request.id in aborts:
+                    self._finish(request, Finished("abort"))
+            self._keep([row for row, r in enumerate(self.running) if r.id not in aborts])
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self.running:
+            self._decode()
+        self.metrics.set_queue(running=len(self.running), waiting=self.queued)
+        self.metrics.set_adapters(self.registry)
+
+    def _admissible(self) -> bool:
+        return any(r.adapter is None or r.adapter.state in ("ready", "failed") for r in self.waiting)
+
+    def _admit(self) -> list[EngineRequest]:
+        """Waiting requests to join now, in arrival order, under the limits and the batching policy."""
+        if self.batching == "static" and self.running:
+            return []
+        rows = self.limits.max_num_seqs - len(self.running)
+        tokens = self.limits.max_num_batched_tokens - len(self.running)
+        only: tuple[AdapterVersion | None] | None = None
+        if self.batching == "one-adapter" and self.running:
+            only = (self.running[0].adapter,)
+        admitted = []
+        for request in self.waiting:
+            if rows <= 0:
+                break
+            if request.adapter is not None and request.adapter.state != "ready":
+                continue  # still loading: others go first
+            if only is not None and request.adapter is not only[0]:
+                continue
+            if len(request.prompt_ids) > tokens and (admitted or self.running):
+                break  # first come, first served: a long prompt is not overtaken by shorter ones
+            admitted.append(request)
+            rows -= 1
+            tokens -= len(request.prompt_ids)
+            if self.batching == "one-adapter" and only is None:
+                only = (request.adapter,)
+        taken = set(map(id, admitted))
+        self.waiting = [r for r in self.waiting if id(r) not in taken]
+        return admitted
+
+    def _prefill(self, requests: list[EngineRequest]) -> None:
+        """One forward over the new requests' prompts; their caches join the running batch."""
+        model, device = self.model, self.model.device
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(requests), width, dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[row, width - len(request.prompt_ids) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        names = [r.adapter.internal if r.adapter else None for r in requests]
+        output = model(
+            ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), adapter_names=names,
+            use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        check_regroupable(output.past_key_values)
+        layout = model.virtual_token_layout(model.routing(names))
+        shift = torch.zeros(len(requests), dtype=torch.long, device=device)
+        if layout is not None:
+            virtual_mask, shift = layout
+            mask = torch.cat([virtual_mask, mask], dim=1)
+        new = BatchCache(output.past_key_values, mask)
+        self._batch = join(self._batch, new, model.config)
+        self.running.extend(requests)
+        self._routing = None
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        params = [r.params for r in requests]
+        new_rows = {
+            "position": shift + lengths,
+            "temperature": torch.tensor([p.temperature for p in params], device=device),
+            "top_p": torch.tensor([p.top_p for p in params], device=device),
+        }
+        self._rows = {
+            key: torch.cat([self._rows[key], value]) if self._rows else value for key, value in new_rows.items()
+        }
+        for request in requests:
+            self.metrics.prompt_tokens(len(request.prompt_ids))
+        self._sample(output.logits[:, -1], first_row=len(self.running) - len(requests))
+
+    def _decode(self) -> None:
+        """One token for every running row."""
+        batch = self._batch
+        mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)
+        if self._routing is None:
+            self._routing = self.model.routing([r.adapter.internal if r.adapter else None for r in self.running])
+        with self.model.routed(self._routing):
+            output = self.model.base_model(
+                input_ids=self._tokens.unsqueeze(1), attention_mask=mask,
+                position_ids=self._rows["position"].unsqueeze(1), past_key_values=batch.cache, use_cache=True,
+            )  # fmt: skip
+        batch.mask = mask
+        self._rows["position"] = self._rows["position"] + 1
+        self._sample(output.logits[:, -1], first_row=0)
+
+    def _sample(self, logits: Tensor, first_row: int) -> None:
+        """Choose the next token of running rows ``first_row..``, deliver it, and retire finished rows."""
+        requests = self.running[first_row:]
+        rows = slice(first_row, None)
+        tokens = next_tokens(
+            logits, self._rows["temperature"][rows], self._rows["top_p"][rows],
+            [r.seed for r in requests], [len(r.generated) for r in requests],
+        )  # fmt: skip
+        self._tokens = tokens if first_row == 0 else torch.cat([self._tokens[:first_row], tokens])
+        now = time.monotonic()
+        finished: dict[int, Finished] = {}
+        for offset, (request, token_id) in enumerate(zip(requests, tokens.tolist(), strict=True)):
+            request.generated.append(token_id)
+            self.metrics.token(request, now)
+            request.emit(Token(token_id))
+            done = self._finish_reason(request, token_id)
+            if done is not None:
+                finished[first_row + offset] = done
+        if finished:
+            for row, done in finished.items():
+                self._finish(self.running[row], done)
+            self._keep([row for row in range(len(self.running)) if row not in finished])
+
+    def _finish_reason(self, request: EngineRequest, token_id: int) -> Finished | None:
+        count = len(request.generated)
+        if token_id in self.eos_token_ids and not request.params.ignore_eos and count >= request.params.min_tokens:
+            return Finished("stop")
+        if count >= request.params.max_tokens or len(request.prompt_ids) + count >= self.limits.max_model_len:
+            return Finished("length")
+        return None
+
+    def _keep(self, rows: list[int]) -> None:
+        """Only these running rows stay."""
+        self.running = [self.running[row] for row in rows]
+        self._batch = keep(self._batch, rows, self.model.config)
+        index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        self._rows = {key: value.index_select(0, index) for key, value in self._rows.items()}
+        self._tokens = self._tokens.index_select(0, index)
+        self._routing = None
+
+    def _finish(self, request: EngineRequest, event: Finished) -> None:
+        if request.adapter is not None:
+            self.registry.release(request.adapter)
+        seconds = time.monotonic() - request.arrival
+        self.metrics.finished(request, event, seconds)
+        logger.info(
+            "request %s adapter=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f finish=%s%s",
+            request.id, request.adapter_name or "(base)", len(request.prompt_ids), len(request.generated), seconds,
+            event.reason, f" ({event.message})" if event.message else "",
+        )  # fmt: skip
+        request.emit(event)

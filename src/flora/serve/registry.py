@@ -1,0 +1,330 @@
+"""The adapters a server can serve, by public name, and which of them are in memory.
+
+Adapters come from three places: ``--adapter NAME=PATH`` (loaded at start and pinned: never
+evicted), ``--adapter-dir DIR`` (every PEFT-format directory inside, servable by its directory name
+and loaded on its first request) and ``POST /v1/load_lora_adapter`` at run time.
+
+A request *leases* its adapter's current `AdapterVersion` for as long as it waits or runs. At most
+``max_loaded`` adapters (and ``memory_mb`` of their tensors) are in the model: to make room, the
+least recently leased one that no request holds and that is not pinned is evicted. Files are read
+on a worker thread, so a request for an adapter being loaded never stalls requests for others.
+Loading a new version under a name in use (``load_inplace``) makes it the current version at once
+for new requests, while requests that hold the old one finish on it; the old one is removed when
+the last of them ends.
+
+The model itself is only ever changed by the engine's thread, between decoding steps: the
+registry queues its work (installs, removals) and the engine calls `apply`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from flora.io import CONFIG_NAME, read_adapter_dir
+from flora.model import AdapterModel
+
+logger = logging.getLogger("flora.serve")
+
+MAX_NAME_LENGTH = 200
+
+
+class UnknownAdapterError(KeyError):
+    """No adapter of that name (HTTP 404)."""
+
+
+class AdapterLoadError(ValueError):
+    """An adapter that cannot be served: bad name, missing or invalid files, another base model (HTTP 400)."""
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One loaded (or loadable) version of an adapter.
+
+    Attributes:
+        name: the public name (what requests put in ``model``).
+        internal: its name inside the `AdapterModel` (unique per version).
+        state: ``unloaded`` (files not in memory), ``loading``, ``ready``, ``failed`` (``error`` says why).
+        users: requests holding it (waiting or running).
+        retired: replaced by a newer version or unloaded: removed from the model once unused.
+    """
+
+    name: str
+    internal: str
+    path: Path
+    pinned: bool = False
+    state: str = "unloaded"
+    error: str | None = None
+    users: int = 0
+    nbytes: int = 0
+    last_used: float = 0.0
+    retired: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    settled: threading.Event = field(default_factory=threading.Event)  # set when ready or failed
+
+
+def check_name(name: Any, what: str = "lora_name") -> str:
+    """A public adapter name: a non-empty string without ``/`` or ``..`` (never a path)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+        raise AdapterLoadError(f"{what} {name!r} is invalid (expected a non-empty string of at most "
+                               f"{MAX_NAME_LENGTH} characters)")  # fmt: skip
+    if "/" in name or "\\" in name or ".." in name or name.strip() != name:
+        raise AdapterLoadError(f"{what} {name!r} is invalid: an adapter name may not contain '/', '\\\\' or '..' "
+                               f"or surrounding spaces (it names an adapter, not a path)")  # fmt: skip
+    return name
+
+
+class AdapterRegistry:
+    """Public adapter names, their versions, leases, loading and LRU eviction (see the module docstring).
+
+    Args:
+        base_name: the served name of the base model (never an adapter's).
+        adapter_dir: directory whose sub-directories are servable adapters, or ``None``.
+        max_loaded: adapters in memory at most.
+        memory_mb: megabytes of adapter tensors in memory at most (``None``: no limit).
+        on_change: called (from any thread) when the engine has work to apply.
+    """
+
+    def __init__(
+        self,
+        base_name: str,
+        adapter_dir: str | os.PathLike | None = None,
+        max_loaded: int = 64,
+        memory_mb: float | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"--max-loaded-adapters {max_loaded}: expected at least 1")
+        if adapter_dir is not None and not Path(adapter_dir).is_dir():
+            raise FileNotFoundError(f"--adapter-dir {str(adapter_dir)!r} is not a directory")
+        self.base_name = base_name
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.max_loaded = max_loaded
+        self.memory_bytes = None if memory_mb is None else int(memory_mb * 2**20)
+        self.on_change = on_change
+        self.current: dict[str, AdapterVersion] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flora-adapter-reader")
+        self._installs: deque[tuple[AdapterVersion, dict, dict[str, Tensor]]] = deque()
+        self._removals: deque[AdapterVersion] = deque()
+        self._loaded: list[AdapterVersion] = []  # in the model
+        self.counters = {"loads": 0, "hits": 0, "evictions": 0}
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def names(self) -> dict[str, AdapterVersion | Path]:
+        """Every servable name: registered versions, then adapter directories not loaded yet."""
+        with self._lock:
+            return self._names()
+
+    def _names(self) -> dict[str, AdapterVersion | Path]:
+        served: dict[str, AdapterVersion | Path] = dict(self.current)
+        for path in self._dir_entries():
+            served.setdefault(path.name, path)
+        return served
+
+    def _dir_entries(self) -> list[Path]:
+        if self.adapter_dir is None:
+            return []
+        return sorted(p for p in self.adapter_dir.iterdir() if (p / CONFIG_NAME).is_file() and ".." not in p.name)
+
+    def _new_version(self, name: str, path: Path, pinned: bool) -> AdapterVersion:
+        return AdapterVersion(name, f"adapter-{next(self._ids)}", path, pinned=pinned)
+
+    # -- leases (request side) -----------------------------------------------------------------
+
+    def lease(self, name: str) -> AdapterVersion:
+        """The current version of ``name`` for a new request (loading starts if it is not in memory).
+        Raises `UnknownAdapterError` for a name nobody serves."""
+        with self._lock:
+            version = self.current.get(name)
+            if version is None:
+                path = self._find_in_dir(name)
+                version = self.current[name] = self._new_version(name, path, pinned=False)
+            version.users += 1
+            version.last_used = time.monotonic()
+            if version.state == "unloaded":
+                self._start_reading(version)
+            elif version.state == "ready":
+                self.counters["hits"] += 1
+        return version
+
+    def hold(self, version: AdapterVersion) -> None:
+        """Count one more user of ``version`` (released with `release`)."""
+        with self._lock:
+            version.users += 1
+            version.last_used = time.monotonic()
+
+    def release(self, version: AdapterVersion) -> None:
+        """A request no longer holds ``version``."""
+        with self._lock:
+            version.users -= 1
+            if version.retired and version.users == 0 and version.state == "ready":
+                self._removals.append(version)
+        self.on_change()
+
+    def _find_in_dir(self, name: str) -> Path:
+        if name == self.base_name:
+            raise AssertionError("the base model is not an adapter")
+        known = sorted(self._names())
+        try:
+            check_name(name, "model")
+        except AdapterLoadError:
+            raise UnknownAdapterError(self._unknown_message(name, known)) from None
+        path = self.adapter_dir / name if self.adapter_dir is not None else None
+        if path is None or not (path / CONFIG_NAME).is_file():
+            raise UnknownAdapterError(self._unknown_message(name, known))
+        return path
+
+    def _unknown_message(self, name: str, known: list[str]) -> str:
+        shown = ", ".join(repr(n) for n in [self.base_name, *known][:50])
+        more = f" and {len(known) - 49} more" if len(known) > 49 else ""
+        return f"The model {name!r} does not exist. Available models: {shown}{more}."
+
+    def _start_reading(self, version: AdapterVersion) -> None:
+        version.state = "loading"
+        version.settled.clear()
+        self.counters["loads"] += 1
+        self._reader.submit(self._read, version)
+
+    def _read(self, version: AdapterVersion) -> None:
+        try:
+            data, tensors = read_adapter_dir(version.path)
+        except (OSError, ValueError) as err:
+            self._fail(version, f"adapter {version.name!r} cannot be loaded: {err}")
+        else:
+            with self._lock:
+                version.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                self._installs.append((version, data, tensors))
+        self.on_change()
+
+    def _fail(self, version: AdapterVersion, message: str) -> None:
+        with self._lock:
+            version.state, version.error = "failed", message
+            if self.current.get(version.name) is version and not version.pinned:
+                del self.current[version.name]  # a later request tries the files again
+        version.settled.set()
+        logger.warning("%s", message)
+
+    # -- run-time API --------------------------------------------------------------------------
+
+    def register(
+        self, name: str, path: str | os.PathLike, pinned: bool = False, inplace: bool = False
+    ) -> AdapterVersion:
+        """A new adapter (or, with ``inplace``, a new version of one) read from ``path``; loading starts.
+        Returns the version; wait for ``version.settled`` to know whether it loaded."""
+        check_name(name)
+        if name == self.base_name:
+            raise AdapterLoadError(f"lora_name {name!r} is the base model's name")
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise AdapterLoadError(f"lora_path {str(path)!r} is not a PEFT adapter directory (no {CONFIG_NAME})")
+        with self._lock:
+            old = self.current.get(name)
+            if old is not None and old.state != "failed" and not inplace:
+                raise AdapterLoadError(
+                    f"The lora adapter {name!r} has already been loaded. If you want to load a new version under "
+                    f"the same name, set load_inplace to true"
+                )
+            version = self.current[name] = self._new_version(name, path, pinned)
+            if old is not None:
+                self._retire(old)
+            self._start_reading(version)
+        self.on_change()
+        return version
+
+    def unregister(self, name: str) -> None:
+        """``name`` is no longer served as registered (an adapter-dir entry stays servable: it is only
+        dropped from memory). Requests running on it finish first."""
+        with self._lock:
+            version = self.current.pop(name, None)
+            if version is None:
+                raise UnknownAdapterError(f"The lora adapter {name!r} cannot be found.")
+            self._retire(version)
+        self.on_change()
+
+    def _retire(self, version: AdapterVersion) -> None:
+        version.retired = True
+        if version.users == 0 and version.state == "ready":
+            self._removals.append(version)
+
+    # -- engine side ---------------------------------------------------------------------------
+
+    def apply(self, model: AdapterModel) -> bool:
+        """Install read adapters and remove retired ones (engine thread, between steps). Returns
+        whether the model's adapters changed."""
+        changed = False
+        with self._lock:
+            while self._removals:
+                version = self._removals.popleft()
+                if version.state == "ready" and version.users == 0:
+                    self._remove(model, version)
+                    changed = True
+            blocked = deque()
+            while self._installs:
+                version, data, tensors = self._installs.popleft()
+                if version.retired and version.users == 0:
+                    version.state = "unloaded"
+                    continue
+                if not self._make_room(model, version):
+                    blocked.append((version, data, tensors))  # every slot is in use: try again next step
+                    continue
+                try:
+                    model.install_adapter(version.internal, data, tensors, version.path)
+                except ValueError as err:
+                    version.state, version.error = "failed", f"adapter {version.name!r} cannot be served: {err}"
+                    if self.current.get(version.name) is version and not version.pinned:
+                        del self.current[version.name]
+                    logger.warning("%s", version.error)
+                else:
+                    version.state = "ready"
+                    self._loaded.append(version)
+                    changed = True
+                version.settled.set()
+            self._installs = blocked
+        return changed
+
+    def _make_room(self, model: AdapterModel, incoming: AdapterVersion) -> bool:
+        def over() -> bool:
+            count = len(self._loaded) + 1 > self.max_loaded
+            memory = self.memory_bytes is not None and sum(v.nbytes for v in self._loaded) + incoming.nbytes > (
+                self.memory_bytes
+            )
+            return count or memory
+
+        while over():
+            idle = [v for v in self._loaded if v.users == 0 and not v.pinned]
+            if not idle:
+                return False
+            self._remove(model, min(idle, key=lambda v: v.last_used))
+            self.counters["evictions"] += 1
+        return True
+
+    def _remove(self, model: AdapterModel, version: AdapterVersion) -> None:
+        model.delete_adapter(version.internal)
+        self._loaded.remove(version)
+        version.state = "unloaded"
+        version.settled.clear()
+
+    def waiting_installs(self) -> bool:
+        with self._lock:
+            return bool(self._installs or self._removals)
+
+    def loaded(self) -> list[AdapterVersion]:
+        with self._lock:
+            return list(self._loaded)
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,107 @@
+"""A server assembled from its settings: base model, adapter registry, engine, HTTP application.
+
+`build_state` loads the model (or takes one), starts the engine and loads the ``--adapter``
+adapters (pinned) before anything is served; `serve` runs the application with uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from flora.base import resolve_model_dir
+from flora.model import AdapterModel
+from flora.serve.app import ServerState, create_app
+from flora.serve.engine import BATCHING, Engine, EngineLimits
+from flora.serve.metrics import ServerMetrics
+from flora.serve.registry import AdapterRegistry
+
+
+@dataclass
+class ServeSettings:
+    """Every setting of ``flora serve`` (see ``flora serve --help``)."""
+
+    model: str = "smollm2-135m"
+    served_model_name: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapter_dir: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    max_queue: int = 1024
+    max_loaded_adapters: int = 64
+    adapter_memory_mb: float | None = None
+    batching: str = "continuous"
+    dtype: str = "float32"
+    device: str = "cpu"
+    strategy: str = "auto"
+
+    def check(self) -> None:
+        for key in ("max_num_seqs", "max_queue", "max_loaded_adapters"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)}: expected at least 1")
+        for key in ("max_num_batched_tokens", "max_model_len", "adapter_memory_mb"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{key.replace('_', '-')} {value}: expected a positive number")
+        if self.batching not in BATCHING:
+            raise ValueError(f"--batching {self.batching!r}: expected one of {', '.join(BATCHING)}")
+        if len(self.adapters) > self.max_loaded_adapters:
+            raise ValueError(f"{len(self.adapters)} --adapter given but --max-loaded-adapters is "
+                             f"{self.max_loaded_adapters}: pinned adapters must fit")  # fmt: skip
+
+
+def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> ServerState:
+    """Everything a server needs, its engine running and its ``--adapter`` adapters loaded."""
+    settings.check()
+    base_path = settings.model
+    if model is None:
+        base_path = str(resolve_model_dir(settings.model))
+        model = AdapterModel.from_pretrained(
+            base_path, dtype=getattr(torch, settings.dtype), device=settings.device, strategy=settings.strategy
+        )
+    if model.tokenizer is None:
+        raise ValueError("the server needs the model's tokenizer (AdapterModel(..., tokenizer=...))")
+    model.eval()
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    max_model_len = settings.max_model_len or context
+    if max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len} is longer than the model's {context} positions")
+    base_name = settings.served_model_name or settings.model
+    registry = AdapterRegistry(
+        base_name, settings.adapter_dir, settings.max_loaded_adapters, settings.adapter_memory_mb
+    )
+    limits = EngineLimits(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens or max(max_model_len, 2048),
+        max_model_len=max_model_len,
+        max_queue=settings.max_queue,
+    )
+    tokenizer = model.tokenizer
+    eos = model.base_model.generation_config.eos_token_id
+    eos_ids = {*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id} - {None}
+    metrics = ServerMetrics()
+    engine = Engine(model, registry, limits, metrics, settings.batching, eos_ids, tokenizer.pad_token_id or 0)
+    registry.on_change = engine.wake
+    engine.start()
+    for name, path in settings.adapters.items():
+        version = registry.register(name, path, pinned=True)
+        version.settled.wait()
+        if version.state == "failed":
+            engine.stop()
+            raise ValueError(f"--adapter {name}={path}: {version.error}")
+    return ServerState(base_name, base_path, tokenizer, engine, registry, metrics, max_model_len, int(time.time()))
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = build_state(settings)
+    uvicorn.run(create_app(state), host=settings.host, port=settings.port, log_level="info")
