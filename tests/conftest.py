@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data.tiny import tiny_llama, tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 97
@@ -75,3 +76,14 @@ def adam_losses(model, ids, mask, labels, names, lr: float, steps: int) -> list[
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny random Llama saved as a model directory (weights and tokenizer), with weights large
+    enough (init std 0.2) for every method to move its output."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, dtype=torch.float32, initializer_range=0.2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

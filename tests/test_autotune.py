@@ -52,3 +52,15 @@ def test_auto_records_one_choice_per_shape_and_equals_fixed_strategies():
     for strategy in ("bmm", "loop", "segmented"):
         model.strategy = strategy
         assert (model(ids, attention_mask=mask, adapter_names=names).logits - auto).abs().max() <= 1e-5
+
+
+def test_one_lora_adapter_for_every_row_takes_segmented_without_measuring():
+    model = AdapterModel(tiny_model("llama"))
+    model.add_adapter("a", LoraConfig(r=2))
+    model.add_adapter("b", LoraConfig(r=4))
+    ids, mask = batch(rows=4)
+    model(ids, attention_mask=mask, adapter_names=["a"] * 4)
+    assert model.routing_state.tuner.choices == {}  # nothing measured: two plain matmuls per group
+    model(ids, attention_mask=mask, adapter_names=["a", "a", "a", None])  # a row without: measured
+    assert set(model.routing_state.tuner.choices.values()) <= {"bmm", "loop", "segmented"}
+    assert model.routing_state.tuner.choices

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data.tiny import tiny_llama, tiny_tokenizer
 from test_train import log_records, quick
 from transformers import AutoModelForCausalLM
 
@@ -23,16 +22,6 @@ SETTINGS = {
     "full": {},
 }
 LEARNING_RATES = {"full": 3e-3, "prompt_tuning": 1e-1, "prefix_tuning": 1e-1}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """A tiny random Llama with weights large enough (init std 0.2) for every method to move its output."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer, dtype=torch.float32, initializer_range=0.2).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def test_every_method_is_covered():

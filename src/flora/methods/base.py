@@ -128,6 +128,9 @@ class Bank(nn.Module):
     # Whether `merge_into` adds to the bias: `AdapterModel.merge_adapter` then gives a bias-less
     # base layer a zero bias first (BitFit).
     merge_adds_bias: ClassVar[bool] = False
+    # Under "auto", the strategy taken without measuring when one adapter serves every row (for
+    # LoRA: ``segmented``, then two plain matmuls); ``None`` measures as for any other batch.
+    whole_batch_strategy: ClassVar[str | None] = None
 
     def __init__(self, in_features: int, out_features: int, state: RoutingState) -> None:
         super().__init__()
@@ -202,6 +205,8 @@ class Bank(nn.Module):
             return wanted
         if wanted != "auto" or len(self.strategies) == 1:
             return self.strategies[0]
+        if self.whole_batch_strategy and len(plan.groups) == 1 and len(next(iter(plan.groups.values()))) == x.shape[0]:
+            return self.whole_batch_strategy
         if shape is None:
             shape = (self.in_features, self.out_features, max(self.rank(n) for n in plan.groups))
         # Sizes are bucketed (powers of two): a server's ever-changing batches share measurements.

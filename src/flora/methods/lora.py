@@ -65,6 +65,7 @@ class LoraConfig(AdapterConfig):
 class LoraBank(Bank):
     method = "lora"
     strategies = ("bmm", "loop", "segmented")
+    whole_batch_strategy = "segmented"
     param_names = ("lora_A.weight", "lora_B.weight")
 
     def __init__(self, in_features, out_features, state) -> None:

@@ -169,30 +169,25 @@ class LoraGroup:
         """For `lowrank_bmm`: ``a_rows [batch, R, in]``, member ``m`` owning rows ``R_m`` (its largest
         rank in the batch), and per member ``(start, stop, b_rows [batch, R_m, out_m])``: each member's
         ``B`` is read on its own, not as a block-diagonal table that would triple what decoding reads
-        from memory. Rows of the batch without an adapter read all-zero entries. A handful of
-        operations per member, whatever the number of adapters."""
-        names = list(plan.groups)
-        ranks = [max(map(bank.rank, member_plan.groups)) for bank, member_plan in members]
-        like = next(bank.lora_A[n] for bank, member_plan in members for n in member_plan.groups)
-        a_table = like.new_zeros(len(names) + 1, sum(ranks), members[0][0].in_features)
-        b_tables, start = [], 0
-        for (bank, _), rank in zip(members, ranks, strict=True):
-            held = [(i, n) for i, n in enumerate(names, start=1) if n in bank.lora_A]
-            index = (
-                slice(1, None) if len(held) == len(names) else torch.tensor([i for i, _ in held], device=like.device)
-            )
-            a_table[index, start : start + rank] = torch.stack([pad_rank(bank.lora_A[n], rank, 0) for _, n in held])
-            b = torch.stack([pad_rank(bank.lora_B[n], rank, 1) for _, n in held]).transpose(1, 2)  # [n, r, out]
-            b_table = like.new_zeros(len(names) + 1, rank, bank.out_features)
-            b_table[index] = b * like.new_tensor([bank.scaling[n] for _, n in held]).view(-1, 1, 1)
-            b_tables.append((start, start + rank, b_table))
+        from memory. Rows without one of a member's adapters read zeros. Each row's factors are
+        stacked straight into the batch's tables (with many distinct adapters a batch holds about
+        one copy of each: a table of every adapter, then gathered, would copy them twice)."""
+        row_names: list[str | None] = [None] * routing.batch_size
+        for name, rows in plan.groups.items():
+            for r in rows:
+                row_names[r] = name
+        a_parts, b_rows, start = [], [], 0
+        for bank, member_plan in members:
+            rank = max(map(bank.rank, member_plan.groups))
+            like = next(iter(bank.lora_A.values()))
+            zero_a, zero_b = like.new_zeros(rank, bank.in_features), like.new_zeros(rank, bank.out_features)
+            held = [n if n in bank.lora_A else None for n in row_names]
+            a_parts.append(torch.stack([zero_a if n is None else pad_rank(bank.lora_A[n], rank, 0) for n in held]))
+            b = torch.stack([zero_b if n is None else pad_rank(bank.lora_B[n], rank, 1).T for n in held])
+            scaling = like.new_tensor([0.0 if n is None else bank.scaling[n] for n in held])
+            b_rows.append((start, start + rank, b.mul_(scaling.view(-1, 1, 1))))
             start += rank
-        index = [0] * routing.batch_size
-        for i, name in enumerate(names, start=1):
-            for r in plan.groups[name]:
-                index[r] = i
-        rows = torch.tensor(index, device=like.device)
-        return a_table.index_select(0, rows), [(s, e, table.index_select(0, rows)) for s, e, table in b_tables]
+        return (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)), b_rows
 
 
 def _split(delta: Tensor, columns: list[tuple[int, int]]) -> list[Tensor]:
