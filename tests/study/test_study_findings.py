@@ -23,18 +23,21 @@ def verdicts(records, tables):
             for i, f in enumerate(peft_instruction(records, rows, tables, "unseen_rougeL"))}  # fmt: skip
 
 
+def learning_rate_findings(records: list[dict]):
+    """The findings for ``records`` as one learning-rate experiment (no loss curves)."""
+    tables = {"learning_rate": experiment_table(records, "learning_rate")}
+    return peft_instruction(records, [{**r, "losses": []} for r in records], tables, "unseen_rougeL")
+
+
 def test_the_paper_pattern_agrees_and_its_opposite_disagrees():
     paper = [record("full", 1e-5, 40), record("lora", 1e-4, 39.5, 8), record("bottleneck", 1e-4, 39.8, 8),
              record("ia3", 1e-3, 20), record("lora", 1e-3, 10, 8), record("bottleneck", 1e-3, 12, 8),
              record("full", 1e-4, 30)]  # fmt: skip
-    tables = {"learning_rate": experiment_table(paper, "learning_rate")}
-    found = peft_instruction(paper, [{**r, "losses": []} for r in paper], tables, "unseen_rougeL")
-    assert [f.verdict for f in found[:3]] == [AGREES, AGREES, AGREES]
+    assert [f.verdict for f in learning_rate_findings(paper)[:3]] == [AGREES, AGREES, AGREES]
     opposite = [record("full", 1e-5, 40), record("lora", 1e-4, 20, 8), record("bottleneck", 1e-4, 21, 8),
                 record("ia3", 1e-3, 39.5), record("lora", 1e-3, 20.5, 8), record("bottleneck", 1e-3, 20.5, 8),
                 record("full", 1e-4, 45)]  # fmt: skip
-    tables = {"learning_rate": experiment_table(opposite, "learning_rate")}
-    found = peft_instruction(opposite, [{**r, "losses": []} for r in opposite], tables, "unseen_rougeL")
+    found = learning_rate_findings(opposite)
     assert [f.verdict for f in found[:3]] == [DISAGREES, DISAGREES, DISAGREES]
     assert "full FT 45.0" in found[0].ours and "LoRA 20.5 (-24.5)" in found[0].ours
 
