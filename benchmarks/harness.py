@@ -1,7 +1,10 @@
 """What the benchmark scripts share: inputs, random adapters, interleaved timing and the JSON file.
 
 Every system of a run is timed round by round, interleaved (round 1 of every system, then round
-2, ...), so machine noise hits each alike; a figure is the median over rounds.
+2, ...), so machine noise hits each alike; a figure is the median over rounds. A system measured
+against a reference (the bare model) is timed right after its own call of the reference, in every
+round: its ratio is the median of those paired ratios, which the minute-to-minute swings of a
+shared machine (10-20% here) move far less than a ratio of medians taken minutes apart.
 """
 
 from __future__ import annotations
@@ -28,15 +31,23 @@ TEXT = (
 
 @dataclass
 class Case:
-    """One measured system: ``run()`` does one unit of work (a generate call, a training step)."""
+    """One measured system: ``run()`` does one unit of work (a generate call, a training step).
+    With a ``reference``, every timed call follows a call of the reference, and ``ratios`` holds
+    ``reference seconds / own seconds`` per pair."""
 
     record: dict
     run: Callable[[], object]
+    reference: Case | None = None
     seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def ratio_to_reference(self) -> float:
+        return statistics.median(self.ratios)
 
 
 def token_rows(tokenizer, rows: int, length: int) -> torch.Tensor:
@@ -62,14 +73,27 @@ def assignment(rows: int, distinct: int, prefix: str) -> list[str]:
 
 
 def measure(cases: list[Case], rounds: int) -> None:
-    """One warm-up call per case (it also autotunes), then ``rounds`` interleaved timed rounds."""
+    """One warm-up call per case (it also autotunes), then ``rounds`` interleaved timed rounds. A
+    case that is another's reference is timed in those pairs (not on its own)."""
     for case in tqdm(cases, desc="warm-up (and autotune)"):
         case.run()
+    references = {id(case.reference) for case in cases if case.reference is not None}
     for _ in tqdm(range(rounds), desc="rounds"):
         for case in cases:
-            start = time.perf_counter()
-            case.run()
-            case.seconds.append(time.perf_counter() - start)
+            if id(case) in references:
+                continue
+            if case.reference is not None:
+                reference_s = _timed(case.reference)
+            own_s = _timed(case)
+            if case.reference is not None:
+                case.ratios.append(reference_s / own_s)
+
+
+def _timed(case: Case) -> float:
+    start = time.perf_counter()
+    case.run()
+    case.seconds.append(seconds := time.perf_counter() - start)
+    return seconds
 
 
 def write_json(path: Path, result: dict) -> None:

@@ -9,6 +9,7 @@ from conftest import batch, tiny_model
 
 from flora import AdapterModel, LoraConfig
 from flora.kernels.autotune import Autotuner, token_bucket
+from flora.methods.lora import LoraBank
 
 
 def test_picks_the_fastest_and_measures_once_per_key():
@@ -46,10 +47,10 @@ def test_auto_records_one_choice_per_shape_and_equals_fixed_strategies():
     names = ["a0", "a1", None, "a2"]
     auto = model(ids, attention_mask=mask, adapter_names=names).logits
     choices = dict(model.routing_state.tuner.choices)
-    assert choices and set(choices.values()) <= {"bmm", "loop", "segmented"}
+    assert choices and set(choices.values()) <= set(LoraBank.strategies)
     model(ids, attention_mask=mask, adapter_names=names)
     assert model.routing_state.tuner.choices == choices
-    for strategy in ("bmm", "loop", "segmented"):
+    for strategy in LoraBank.strategies:
         model.strategy = strategy
         assert (model(ids, attention_mask=mask, adapter_names=names).logits - auto).abs().max() <= 1e-5
 
@@ -62,5 +63,5 @@ def test_one_lora_adapter_for_every_row_takes_segmented_without_measuring():
     model(ids, attention_mask=mask, adapter_names=["a"] * 4)
     assert model.routing_state.tuner.choices == {}  # nothing measured: two plain matmuls per group
     model(ids, attention_mask=mask, adapter_names=["a", "a", "a", None])  # a row without: measured
-    assert set(model.routing_state.tuner.choices.values()) <= {"bmm", "loop", "segmented"}
+    assert set(model.routing_state.tuner.choices.values()) <= set(LoraBank.strategies)
     assert model.routing_state.tuner.choices

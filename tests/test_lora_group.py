@@ -8,7 +8,7 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from flora import AdapterModel, LoraConfig
-from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
+from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.lora_group import GroupRun
 
 CONFIGS = {  # adapter -> config: mixed ranks, and adapters that leave some siblings unadapted
@@ -61,7 +61,7 @@ def test_siblings_that_read_the_same_input_share_one_group():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # qwen2: q/k/v with biases; gpt2: Conv1D, no siblings
-@pytest.mark.parametrize("strategy", ["auto", "bmm", "loop", "segmented"])
+@pytest.mark.parametrize("strategy", ["auto", "bmm", "loop", "segmented", "stacked"])
 @pytest.mark.parametrize(
     "names",
     [
@@ -138,8 +138,16 @@ def test_strategies_of_the_kernels_agree(tokens):
     a_rows = torch.stack([adapters[i][0] for i, r in enumerate(rows) for _ in r])
     b_rows = torch.stack([adapters[i][1] for i, r in enumerate(rows) for _ in r])
     (bmm,) = lowrank_bmm(x, a_rows, [(0, 3, b_rows)])
-    for result in (loop, in_order, bmm):
+    row_mask = torch.zeros(5, 1, 9)
+    for i, r in enumerate(rows):
+        row_mask[r, :, 3 * i : 3 * i + 3] = 1
+    a_stack, b_stack = torch.cat([a for a, _ in adapters]), torch.cat([b for _, b in adapters])
+    (stacked,) = lowrank_stacked(x, a_stack, row_mask, [(0, 9, b_stack)])
+    for result in (loop, in_order, bmm, stacked):
         assert torch.allclose(result, expected, atol=1e-5)
+    # Two layers sharing the input: ranks 0:3 feed the first output, 3:6 the second (a doubled B).
+    first, second = lowrank_bmm(x, torch.cat([a_rows, a_rows], dim=1), [(0, 3, b_rows), (3, 6, 2 * b_rows)])
+    assert torch.allclose(first, expected, atol=1e-5) and torch.allclose(second, 2 * expected, atol=1e-5)
 
 
 def test_adapters_added_to_a_model_in_eval_mode_apply_no_dropout():

@@ -35,7 +35,7 @@ from flora.routing import Routing, RoutingState
 from flora.virtual_tokens import VIRTUAL_METHODS, VirtualTokens, virtual_config_class
 
 BASE_NAME = "__base__"
-STRATEGIES = ("auto", "bmm", "loop", "segmented", "flora")
+STRATEGIES = ("auto", "bmm", "loop", "segmented", "stacked", "flora")
 
 
 class AdapterModel(nn.Module):
@@ -45,7 +45,8 @@ class AdapterModel(nn.Module):
         base_model: a transformers ``PreTrainedModel`` (its parameters are frozen).
         tokenizer: optional, kept as ``self.tokenizer`` for convenience.
         strategy: how per-row adapters are computed; ``"auto"`` (measure and cache the fastest per
-            layer shape and batch composition), ``"bmm"``, ``"loop"``, ``"segmented"`` or ``"flora"``.
+            layer shape and batch composition), ``"bmm"``, ``"loop"``, ``"segmented"``, ``"stacked"``
+            or ``"flora"``.
             A method that lacks the named strategy uses its own default (see each method).
     """
 

@@ -3,7 +3,7 @@ that picks the fastest exact strategy per shape, batch composition, device and d
 
 from flora.kernels.autotune import Autotuner
 from flora.kernels.flora import flora_dense, flora_elementwise
-from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
+from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 
 __all__ = [
     "Autotuner",
@@ -12,4 +12,5 @@ __all__ = [
     "lowrank_bmm",
     "lowrank_loop",
     "lowrank_segmented",
+    "lowrank_stacked",
 ]

@@ -7,7 +7,7 @@ For a base layer ``y = x W0ᵀ`` and an adapter ``A: [r, in]``, ``B: [out, r]``:
 The same function as Hugging Face PEFT's ``LoraLayer`` (``lora_A.weight``, ``lora_B.weight``,
 ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``). Initialisation as PEFT's
 default: ``A`` Kaiming-uniform, ``B`` zero, so a new adapter leaves the output unchanged.
-Strategies: ``bmm`` (default), ``loop``, ``segmented`` (see `flora.kernels.lowrank`); sibling layers
+Strategies: ``bmm`` (default), ``loop``, ``segmented``, ``stacked`` (see `flora.kernels.lowrank`); sibling layers
 that read the same input compute their updates together (`flora.methods.lora_group`), and a layer
 whose only adapted rows are LoRA's adds the update inside its base matmul (`LoraBank.fused_step`).
 """
@@ -64,7 +64,7 @@ class LoraConfig(AdapterConfig):
 
 class LoraBank(Bank):
     method = "lora"
-    strategies = ("bmm", "loop", "segmented")
+    strategies = ("bmm", "loop", "segmented", "stacked")
     whole_batch_strategy = "segmented"
     param_names = ("lora_A.weight", "lora_B.weight")
 

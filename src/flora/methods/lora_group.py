@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented
+from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.base import Plan, pad_rank
 from flora.routing import Routing
 
@@ -133,6 +133,9 @@ class LoraGroup:
         if strategy == "bmm":
             a_rows, b_rows = self._row_tables(members, plan, routing)
             return lambda x: lowrank_bmm(x, a_rows, b_rows)
+        if strategy == "stacked":
+            a_stack, row_mask, b_stacks = self._stacks(members, plan, routing)
+            return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
         columns, start = [], 0
         for bank, _ in members:
             columns.append((start, start + bank.out_features))
@@ -161,6 +164,29 @@ class LoraGroup:
                 b.append(F.pad(bank.scaled_b(name).T, (column, out_features - column - bank.out_features)))
             column += bank.out_features
         return torch.cat(a), torch.cat(b)
+
+    @staticmethod
+    def _stacks(
+        members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+    ) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
+        """For `lowrank_stacked`: ``a_stack [C, in]`` with, member by member, the batch's adapters of
+        that member (each padded to the member's largest rank in the batch), ``row_mask
+        [batch, 1, C]`` and per member ``(start, stop, b_stack [stop - start, out_m])``."""
+        a_parts, b_stacks, blocks, start = [], [], [], 0
+        for bank, member_plan in members:
+            rank = max(map(bank.rank, member_plan.groups))
+            held = [n for n in plan.groups if n in bank.lora_A]
+            a_parts.extend(pad_rank(bank.lora_A[n], rank, 0) for n in held)
+            b_stack = torch.cat([pad_rank(bank.scaled_b(n), rank, 1).T for n in held])
+            b_stacks.append((start, start + rank * len(held), b_stack))
+            for n in held:
+                blocks.append((n, start, start + rank))
+                start += rank
+        like = a_parts[0]
+        row_mask = like.new_zeros(routing.batch_size, 1, start)
+        for name, first, stop in blocks:
+            row_mask[plan.rows[name], :, first:stop] = 1
+        return torch.cat(a_parts), row_mask, b_stacks
 
     @staticmethod
     def _row_tables(
