@@ -34,6 +34,7 @@ from harness import Case, assignment, measure, randomize, token_rows, write_json
 from peft import PeftModel
 
 from flora import AdapterModel, FloraConfig, LoraConfig, load_base
+from flora.base import CACHE_KEY
 
 
 def main() -> None:
@@ -194,14 +195,14 @@ def decode_run(forward, routed, ids, mask, steps: int):
     every call decodes at the same lengths), inside ``routed()`` as in `prefill_run`."""
     with torch.no_grad(), routed():
         prefill = forward(ids, attention_mask=mask, use_cache=True)
-    cache, token = prefill.past_key_values, prefill.logits[:, -1:].argmax(-1)
+    cache, token = getattr(prefill, CACHE_KEY), prefill.logits[:, -1:].argmax(-1)
     full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)
 
     def run():
         with torch.no_grad(), routed():
             for step in range(steps):
-                forward(input_ids=token, attention_mask=full_mask[:, : ids.shape[1] + step + 1], past_key_values=cache,
-                        use_cache=True)  # fmt: skip
+                forward(input_ids=token, attention_mask=full_mask[:, : ids.shape[1] + step + 1], use_cache=True,
+                        **{CACHE_KEY: cache})  # fmt: skip
         cache.crop(-steps)
 
     return run

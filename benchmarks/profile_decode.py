@@ -19,6 +19,7 @@ from harness import assignment, randomize, token_rows, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from flora import AdapterModel, LoraConfig, load_base
+from flora.base import CACHE_KEY
 
 
 def main() -> None:
@@ -56,13 +57,13 @@ def profile_steps(label: str, model: AdapterModel, routed, ids, mask, steps: int
     full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps + 1)], dim=1)
     with torch.no_grad(), routed:
         out = model.base_model(ids, attention_mask=mask, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = getattr(out, CACHE_KEY), out.logits[:, -1:].argmax(-1)
 
         def step(i: int) -> None:
             nonlocal token
             length = ids.shape[1] + i + 1
             logits = model.base_model(
-                input_ids=token, attention_mask=full_mask[:, :length], past_key_values=cache
+                input_ids=token, attention_mask=full_mask[:, :length], **{CACHE_KEY: cache}
             ).logits
             token = logits[:, -1:].argmax(-1)
 

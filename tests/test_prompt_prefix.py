@@ -14,6 +14,7 @@ from peft import PromptTuningConfig as PeftPromptTuningConfig
 from safetensors.torch import load_file, save_file
 
 from flora import AdapterModel, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from flora.base import CACHE_KEY, CACHE_KEYS
 from flora.io import CONFIG_NAME, WEIGHTS_NAME
 
 TOL = 1e-4
@@ -65,17 +66,25 @@ def test_peft_adapter_loads_and_matches_peft(arch, tmp_path, kind):
 @pytest.mark.filterwarnings("ignore:Position ids are not supported")
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_generate_matches_peft(tmp_path, kind):
-    """Greedy generation equals PEFT's: prefix tuning with left padding; prompt tuning on rows without
-    padding (PEFT's prompt tuning ignores left padding in position ids when generating; flora does not)."""
+    """Greedy generation (with its key/value cache) equals greedy decoding by PEFT's forward over the
+    whole sequence at every step, on rows without padding. PEFT's own ``generate`` is not the
+    reference: PEFT 0.21's prompt learning misreads the cache that transformers 5.25 renamed."""
     peft_model, directory = _peft_virtual("gpt2", _peft_configs()[kind], tmp_path, kind)
     model = AdapterModel(tiny_model("gpt2"))
     model.load_adapter(directory, adapter_name="v")
-    ids, mask = batch()
-    if kind == "prompt":
-        mask[:] = 1
-    expected = peft_model.generate(input_ids=ids, attention_mask=mask, **GENERATE)
-    got = model.generate(ids, attention_mask=mask, adapter_names=["v"] * len(ids), **GENERATE)
-    assert torch.equal(got, expected)
+    ids, _ = batch()
+    expected, expected_logits = ids, []
+    with torch.no_grad():
+        for _ in range(GENERATE["max_new_tokens"]):
+            logits = peft_model(input_ids=expected, attention_mask=torch.ones_like(expected)).logits
+            expected_logits.append(logits[:, -1])
+            expected = torch.cat([expected, expected_logits[-1].argmax(-1, keepdim=True)], dim=1)
+    got = model.generate(
+        ids, attention_mask=torch.ones_like(ids), adapter_names=["v"] * len(ids), output_logits=True,
+        return_dict_in_generate=True, **GENERATE,
+    )  # fmt: skip
+    assert torch.equal(got.sequences, expected)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, expected_logits, strict=True)) <= TOL
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix", "prefix_mlp"])
@@ -344,8 +353,9 @@ def test_prompt_of_wrong_width_and_bad_forward_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"has shape \(3, 16\) but this base model needs \(3, 32\)"):
         model.load_adapter(directory, adapter_name="x")
     ids, mask = batch(rows=2)
-    with pytest.raises(ValueError, match="past_key_values is not supported"):
-        model(ids, attention_mask=mask, adapter_names=["p", None], past_key_values=object())
+    for key in CACHE_KEYS:  # transformers' name (``cache`` from 5.25) and the older one
+        with pytest.raises(ValueError, match=f"forward with {key} is not supported"):
+            model(ids, attention_mask=mask, adapter_names=["p", None], **{key: object()})
     config = json.loads((directory / CONFIG_NAME).read_text())
     (directory / CONFIG_NAME).write_text(json.dumps({**config, "task_type": "SEQ_2_SEQ_LM"}))
     with pytest.raises(ValueError, match="task_type='SEQ_2_SEQ_LM' is not supported"):
@@ -358,9 +368,9 @@ def test_prefix_refuses_gradient_checkpointing_and_a_filled_cache():
     model = _mixed_model("llama")
     ids, mask = batch(rows=2)
     cache = DynamicCache(config=model.config)
-    model(ids, attention_mask=mask, adapter_names=[None, None], past_key_values=cache)
-    with pytest.raises(ValueError, match="cannot continue from a filled past_key_values"):
-        model.generate(ids, attention_mask=mask, adapter_names=["p", "q"], past_key_values=cache, **GENERATE)
+    model(ids, attention_mask=mask, adapter_names=[None, None], **{CACHE_KEY: cache})
+    with pytest.raises(ValueError, match="cannot continue from a filled cache"):
+        model.generate(ids, attention_mask=mask, adapter_names=["p", "q"], **{CACHE_KEY: cache}, **GENERATE)
     assert "prepare_inputs_for_generation" not in model.base_model.__dict__
     model.base_model.gradient_checkpointing_enable()
     model.train()

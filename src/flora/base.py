@@ -21,8 +21,15 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 logger = logging.getLogger(__name__)
+
+# The name of the key/value cache in a model's keyword arguments, its outputs and the inputs that
+# generation prepares: ``cache`` from transformers 5.25, ``past_key_values`` before it (still
+# accepted, with a warning, until 5.40).
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_KEYS = ("cache", "past_key_values")
 
 
 @dataclass(frozen=True)

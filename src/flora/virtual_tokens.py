@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+from flora.base import CACHE_KEY, CACHE_KEYS
 from flora.methods.prefix import KVGeometry, PrefixBank, PrefixTuningConfig, split_prefix
 from flora.methods.prompt import PROMPT_KEY, PromptBank, PromptLearningConfig, PromptTuningConfig
 from flora.routing import Routing
@@ -222,9 +223,10 @@ class VirtualTokens(nn.Module):
         source = input_ids if input_ids is not None else embeds
         batch, tokens = source.shape[:2]
         device = source.device
-        if kwargs.get("past_key_values") is not None:
+        given = [key for key in CACHE_KEYS if kwargs.get(key) is not None]
+        if given:
             raise ValueError(
-                "forward with past_key_values is not supported when a row uses a prompt- or prefix-tuning adapter "
+                f"forward with {given[0]} is not supported when a row uses a prompt- or prefix-tuning adapter "
                 "(the virtual tokens go into a fresh cache); use generate for incremental decoding"
             )
         if kwargs.get("token_type_ids") is not None:
@@ -255,7 +257,7 @@ class VirtualTokens(nn.Module):
                 )
             kv = self.prefix_cache(plan, KVGeometry.of(base_model.config), base_model.dtype)
             layers = list(zip(kv[:, 0], kv[:, 1], strict=True))
-            kwargs["past_key_values"] = DynamicCache(layers, config=base_model.config)
+            kwargs[CACHE_KEY] = DynamicCache(layers, config=base_model.config)
         attention_mask = torch.cat([plan.virtual_mask(attention_mask.dtype), attention_mask], dim=1)
         output = base_model(
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **kwargs
@@ -304,14 +306,14 @@ class VirtualTokens(nn.Module):
         source = inputs["input_ids"] if source is None else source
         batch, tokens = source.shape[:2]
         plan = self.plan(routing.expanded(batch))
-        cache = inputs.get("past_key_values")
+        cache = inputs.get(CACHE_KEY)
         if cache is None:
             raise ValueError("generate with prompt- or prefix-tuning adapters needs use_cache=True")
         seen = cache.get_seq_length()
         first = seen == 0
         if first_step and not first:
             raise ValueError(
-                "generate with prompt- or prefix-tuning adapters cannot continue from a filled past_key_values "
+                "generate with prompt- or prefix-tuning adapters cannot continue from a filled cache "
                 f"({seen} cached tokens): the virtual tokens go into a fresh cache"
             )
         mask = inputs.get("attention_mask")

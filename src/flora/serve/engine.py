@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from flora.base import CACHE_KEY
 from flora.model import AdapterModel
 from flora.serve.batch_cache import BatchCache, check_regroupable, join, keep
 from flora.serve.metrics import ServerMetrics
@@ -277,13 +278,13 @@ class Engine:
             ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), adapter_names=names,
             use_cache=True, logits_to_keep=1,
         )  # fmt: skip
-        check_regroupable(output.past_key_values)
+        check_regroupable(getattr(output, CACHE_KEY))
         layout = model.virtual_token_layout(model.routing(names))
         shift = torch.zeros(len(requests), dtype=torch.long, device=device)
         if layout is not None:
             virtual_mask, shift = layout
             mask = torch.cat([virtual_mask, mask], dim=1)
-        new = BatchCache(output.past_key_values, mask)
+        new = BatchCache(getattr(output, CACHE_KEY), mask)
         self._batch = join(self._batch, new, model.config)
         self.running.extend(requests)
         self._routing = None
@@ -310,7 +311,7 @@ class Engine:
         with self.model.routed(self._routing):
             output = self.model.base_model(
                 input_ids=self._tokens.unsqueeze(1), attention_mask=mask,
-                position_ids=self._rows["position"].unsqueeze(1), past_key_values=batch.cache, use_cache=True,
+                position_ids=self._rows["position"].unsqueeze(1), use_cache=True, **{CACHE_KEY: batch.cache},
             )  # fmt: skip
         batch.mask = mask
         self._rows["position"] = self._rows["position"] + 1
