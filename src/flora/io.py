@@ -76,10 +76,14 @@ def write_adapter_dir(path: str | os.PathLike, config: dict[str, Any], tensors: 
 
 
 def atomic_write(target: Path, write) -> None:
-    """Call ``write(temporary path)`` beside ``target``, then rename it over ``target``."""
+    """Call ``write(temporary path)`` beside ``target``, then rename it over ``target``; the file gets
+    the permissions of any new file (``0o666`` less the umask), not the temporary file's ``0o600``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         os.replace(tmp, target)
     except BaseException:

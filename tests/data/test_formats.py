@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,9 @@ def test_sni_round_trip(tmp_path):
     again = load_sni_task(written)
     assert again.to_json() == task.to_json()
     assert [p.name for p in tmp_path.iterdir()] == ["task902_title_generation.json"]  # no staging file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's mode, not the staging file's 0o600
 
 
 def _task_json(**changes):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flora.study.findings import AGREES, CANNOT_TELL, DISAGREES, flora_domains, margin, peft_instruction
-from flora.study.tables import best_by_method, category_table, experiment_table
+from flora.study.tables import best_by_method, category_table, experiment_axis, experiment_table, to_markdown
 
 
 def record(method, lr, unseen, size=None, tasks=29, seed=0, status="done", validation=None, experiment="lr"):
@@ -71,6 +71,25 @@ def test_tables_average_seeds_and_pick_the_best_by_validation():
     assert row["unseen_rougeL_std"] == pytest.approx(2.83, abs=0.01)
     best = best_by_method([record("lora", 1e-3, 30, validation=5), record("lora", 1e-2, 20, validation=9)])
     assert [b["learning_rate"] for b in best] == [1e-2]  # by validation, not by the test score
+    # a validation score on 4 training tasks does not compete with one on 29 (another validation set)
+    fewer_tasks = record("lora", 1e-3, 5, tasks=4, validation=90)
+    best = best_by_method([record("lora", 1e-3, 30, validation=5), fewer_tasks, record("ia3", 1e-2, 9, tasks=4)])
+    assert [(b["method"], b["num_tasks"], b["validation_rougeL"]) for b in best] == [("lora", 29, 5)]
+
+
+def test_an_experiments_axis_is_what_varies_within_a_method():
+    sizes = [record("lora", 1e-3, 10, size=s) for s in (2, 8)] + [record("prompt_tuning", 1e-2, 5, size=8)]
+    assert experiment_axis({"name": "size"}, sizes) == "size"  # not the learning rate, which differs by method
+    rates = [record("lora", r, 10, size=8) for r in (1e-4, 1e-3)]
+    assert experiment_axis({"name": "lr"}, rates) == "learning_rate"
+    assert experiment_axis({"name": "lr", "plot": "method"}, rates) == "method"
+
+
+def test_markdown_tables_show_learning_rates_as_set_and_scores_to_one_decimal():
+    pairs = ((1e-2, 0.04), (8e-3, 31.46), (0.3, 0.0))
+    rows = [{"learning_rate": rate, "unseen_rougeL": score} for rate, score in pairs]
+    lines = to_markdown(rows, ["learning_rate", "unseen_rougeL"]).splitlines()[2:]
+    assert lines == ["| 1e-02 | 0.0 |", "| 8e-03 | 31.5 |", "| 0.3 | 0.0 |"]
 
 
 def test_category_table_and_flora_findings():

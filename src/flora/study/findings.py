@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flora.study.tables import METHOD_NAMES, best_by_method, method_label
+from flora.study.tables import METHOD_NAMES, best_by_method, format_rate, method_label
 
 AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell at this scale"
 SPREAD = 5.0  # ROUGE-L points lost somewhere in a learning-rate sweep that count as "unstable"
@@ -127,7 +127,9 @@ def peft_instruction(records: Sequence[dict[str, Any]], rows: Sequence[dict[str,
             continue
         top = max(points, key=lambda p: p[1])
         at_paper = dict(points).get(rate)
-        parts.append(f"{METHOD_NAMES[method]}: best {top[0]:g} ({_f(top[1])}), at {rate:g}: {_f(at_paper)}")
+        parts.append(
+            f"{METHOD_NAMES[method]}: best {format_rate(top[0])} ({_f(top[1])}), at {format_rate(rate)}: {_f(at_paper)}"
+        )
         verdicts.append(at_paper is not None and at_paper >= top[1] - tol)
     findings.append(Finding(claim, "grid 1e-5 ... 1e-3 for every method",
                             "; ".join(parts) or "no learning-rate sweep of LoRA, adapters or full FT",
@@ -145,7 +147,8 @@ def peft_instruction(records: Sequence[dict[str, Any]], rows: Sequence[dict[str,
         spread = max(s for _, s in points) - min(s for _, s in points)
         spreads.append((spread, unstable))
         parts.append(f"{METHOD_NAMES[method]}: {what} ROUGE-L {_f(min(s for _, s in points))} to "
-                     f"{_f(max(s for _, s in points))} over learning rates {', '.join(f'{x:g}' for x, _ in points)}"
+                     f"{_f(max(s for _, s in points))} over learning rates "
+                     f"{', '.join(format_rate(x) for x, _ in points)}"
                      + (f", {unstable} unstable (NaN)" if unstable else ""))  # fmt: skip
     if not spreads:
         verdict = CANNOT_TELL
@@ -303,8 +306,8 @@ def flora_domains(records: Sequence[dict[str, Any]], columns: list[str], table: 
             best_rate[method] = max(done, key=lambda r: r["validation_rougeL"])["learning_rate"]
     if len(best_rate) == 2:
         verdict = AGREES if best_rate["flora"] > best_rate["lora"] * 3 else DISAGREES
-        ours = (f"rank {rank}, best learning rate by validation: FLoRA {best_rate['flora']:g}, "
-                f"LoRA {best_rate['lora']:g}")  # fmt: skip
+        ours = (f"rank {rank}, best learning rate by validation: FLoRA {format_rate(best_rate['flora'])}, "
+                f"LoRA {format_rate(best_rate['lora'])}")  # fmt: skip
     else:
         verdict = CANNOT_TELL
         ours = "the grid does not sweep the learning rate of both FLoRA and LoRA (it uses the paper's rates)"

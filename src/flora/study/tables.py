@@ -52,11 +52,13 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def experiment_axis(experiment: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
-    """The x axis of an experiment's figure: its ``plot``, else the first axis whose trials take several values."""
+    """The x axis of an experiment's figure: its ``plot``, else the first axis along which one method's
+    trials take several values (methods may each sit at their own learning rate: that is no axis)."""
     if experiment.get("plot"):
         return experiment["plot"]
+    methods = {r["method"] for r in records}
     for axis in ("learning_rate", "size", "num_tasks", "model"):
-        if len({r[axis] for r in records}) > 1:
+        if any(len({r[axis] for r in records if r["method"] == method}) > 1 for method in methods):
             return axis
     return "learning_rate"
 
@@ -87,10 +89,14 @@ def experiment_table(records: Sequence[dict[str, Any]], axis: str) -> list[dict[
 
 def best_by_method(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each method, the finished trial with the best validation ROUGE-L (as the paper selects),
-    in the order methods first appear."""
+    in the order methods first appear. Validation scores compare only over one validation set (held-out
+    instances of the training tasks), so only trials on the most training tasks take part: the
+    number-of-tasks axis's smaller task sets are left out."""
+    done = [r for r in records if r["status"] == "done" and r["validation_rougeL"] is not None]
+    most = max((r["num_tasks"] or 0 for r in done), default=0)
     best: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if record["status"] != "done" or record["validation_rougeL"] is None:
+    for record in done:
+        if (record["num_tasks"] or 0) != most:
             continue
         current = best.get(record["method"])
         if current is None or record["validation_rougeL"] > current["validation_rougeL"]:
@@ -151,7 +157,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers:
     headers = list(headers or columns)
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     for row in rows:
-        lines.append("| " + " | ".join(_display(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_display(row.get(c), c) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -159,9 +165,23 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _display(value: Any) -> str:
+# Columns holding a setting rather than a score: shown as written (1e-02, not 0.0).
+EXACT_COLUMNS = frozenset({"learning_rate"})
+
+
+def format_rate(value: float) -> str:
+    """A learning rate as written in specs: 1e-02, 8e-03, 1.5e-04 (0.3 and 0 as they are)."""
+    if value == 0 or abs(value) >= 0.1:
+        return f"{value:g}"
+    exponent = math.floor(math.log10(abs(value)))
+    return f"{round(value / 10**exponent, 6):g}e{exponent:+03d}"
+
+
+def _display(value: Any, column: str = "") -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and column in EXACT_COLUMNS:
+        return format_rate(value)
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e6):
             return f"{value:.0e}" if abs(value) < 1e-2 else f"{value:.3g}"
