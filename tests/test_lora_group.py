@@ -97,6 +97,43 @@ def test_generation_decodes_with_the_group_as_each_row_alone():
         assert torch.equal(together[row], alone[0])
 
 
+def test_kept_row_factors_follow_weight_updates_reloads_and_removals(tmp_path):
+    """`bmm` keeps each adapter's row of the per-row tables across routings; an in-place update (an
+    optimizer step), an adapter loaded again under the same name, and a removal must all be seen."""
+    model = _model()
+    model.strategy = "bmm"
+    ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7))
+
+    def check(names: list[str | None]) -> None:
+        with torch.no_grad():
+            mixed = model(ids, adapter_names=names).logits
+            for row, name in enumerate(names):
+                reference = model.merge_adapter(name) if name else model.base_model
+                expected = reference(ids[row : row + 1]).logits[0]
+                assert torch.allclose(mixed[row], expected, atol=2e-5, rtol=1e-4), (row, name)
+
+    names = ["r4", "r2", "r4"]
+    check(names)
+    for other in (["r2", "r2", "r2"], ["r2", "r6", None], ["r6", "r4", "r2"]):  # other members and ranks per routing
+        check(other)
+    model.save_adapter("r2", tmp_path / "r2")
+    with torch.no_grad():
+        for name in ("r4", "r2"):
+            for key, parameter in model.adapter_parameters(name).items():
+                parameter.add_(0.1 if "lora_B" in key else 0.0)
+    check(names)
+    model.delete_adapter("r2")
+    model.load_adapter(tmp_path / "r2", adapter_name="r2")  # the weights from before the update
+    check(names)
+    model.delete_adapter("r4")
+    check(["r2", None, "r2"])
+    assert all("r4" not in group._factors for group in {id(b.group): b.group for b in _lora_banks(model)}.values())
+
+
+def _lora_banks(model: AdapterModel):
+    return [m.banks["lora"] for m in model.base_model.modules() if "lora" in getattr(m, "banks", {})]
+
+
 def test_a_group_computes_once_per_input_and_again_for_another():
     calls = []
 

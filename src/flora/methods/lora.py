@@ -72,6 +72,7 @@ class LoraBank(Bank):
         super().__init__(in_features, out_features, state)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.ranks: dict[str, int] = {}  # plain dicts: read per routing, faster than the ParameterDicts
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         # The LoRA banks of the sibling layers that read the same input (`AdapterModel` links them),
@@ -83,7 +84,7 @@ class LoraBank(Bank):
         return list(self.lora_A.keys())
 
     def rank(self, name: str) -> int:
-        return self.lora_A[name].shape[0]
+        return self.ranks[name]
 
     def add(self, name, config: LoraConfig, module_name, weights, like) -> None:
         if weights is None:
@@ -96,15 +97,24 @@ class LoraBank(Bank):
             r = a.shape[0] if a.dim() == 2 else -1
             self._check_shape(name, module_name, "lora_A.weight", a, (r, self.in_features))
             self._check_shape(name, module_name, "lora_B.weight", b, (self.out_features, r))
+        self.forget(name)
         self.lora_A[name] = nn.Parameter(a.to(like))
         self.lora_B[name] = nn.Parameter(b.to(like))
+        self.ranks[name] = self.lora_A[name].shape[0]
         self.scaling[name] = config.scaling(module_name, r)
         self.dropout[name] = config.dropout
 
     def remove(self, name: str) -> None:
+        self.forget(name)
         super().remove(name)
+        self.ranks.pop(name, None)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
+
+    def forget(self, name: str) -> None:
+        """Drop what this bank's groups keep of adapter ``name`` (it is replaced or removed)."""
+        self.group.forget(name)
+        self.own_group.forget(name)
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         return {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}

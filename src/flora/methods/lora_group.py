@@ -87,6 +87,11 @@ class LoraGroup:
 
     def __init__(self, banks: list[LoraBank]) -> None:
         self.banks = banks
+        self._factors: dict[str, tuple] = {}  # adapter -> (layout, parameters, their versions, factors): `_row_factors`
+
+    def forget(self, name: str) -> None:
+        """Drop adapter ``name``'s kept row factors (see `_row_factors`)."""
+        self._factors.pop(name, None)
 
     def computes_together(self, routing: Routing) -> bool:
         """Whether the members share one computation: not while one trains with dropout (whose mask
@@ -188,32 +193,73 @@ class LoraGroup:
             row_mask[plan.rows[name], :, first:stop] = 1
         return torch.cat(a_parts), row_mask, b_stacks
 
-    @staticmethod
     def _row_tables(
-        members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+        self, members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
     ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
         """For `lowrank_bmm`: ``a_rows [batch, R, in]``, member ``m`` owning rows ``R_m`` (its largest
         rank in the batch), and per member ``(start, stop, b_rows [batch, R_m, out_m])``: each member's
         ``B`` is read on its own, not as a block-diagonal table that would triple what decoding reads
-        from memory. Rows without one of a member's adapters read zeros. Each row's factors are
-        stacked straight into the batch's tables (with many distinct adapters a batch holds about
-        one copy of each: a table of every adapter, then gathered, would copy them twice)."""
-        row_names: list[str | None] = [None] * routing.batch_size
+        from memory. Rows without one of a member's adapters read zeros. Each row's factors
+        (`_row_factors`) are stacked straight into the batch's tables (with many distinct adapters a
+        batch holds about one copy of each: a table of every adapter, then gathered, would copy them
+        twice)."""
+        ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
+        factors = {name: self._row_factors(members, name, ranks) for name in plan.groups}
+        row_factors = [None] * routing.batch_size
         for name, rows in plan.groups.items():
             for r in rows:
-                row_names[r] = name
-        a_parts, b_rows, start = [], [], 0
-        for bank, member_plan in members:
-            rank = max(map(bank.rank, member_plan.groups))
-            like = next(iter(bank.lora_A.values()))
-            zero_a, zero_b = like.new_zeros(rank, bank.in_features), like.new_zeros(rank, bank.out_features)
-            held = [n if n in bank.lora_A else None for n in row_names]
-            a_parts.append(torch.stack([zero_a if n is None else pad_rank(bank.lora_A[n], rank, 0) for n in held]))
-            b = torch.stack([zero_b if n is None else pad_rank(bank.lora_B[n], rank, 1).T for n in held])
-            scaling = like.new_tensor([0.0 if n is None else bank.scaling[n] for n in held])
-            b_rows.append((start, start + rank, b.mul_(scaling.view(-1, 1, 1))))
+                row_factors[r] = factors[name]
+        if any(f is None for f in row_factors):
+            like = next(iter(factors.values()))
+            zeros = (like[0].new_zeros(like[0].shape), [b.new_zeros(b.shape) for b in like[1]])
+            row_factors = [zeros if f is None else f for f in row_factors]
+        a_rows = torch.stack([a for a, _ in row_factors])
+        b_rows, start = [], 0
+        for m, rank in enumerate(ranks):
+            b_rows.append((start, start + rank, torch.stack([b[m] for _, b in row_factors])))
             start += rank
-        return (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)), b_rows
+        return a_rows, b_rows
+
+    def _row_factors(
+        self, members: list[tuple[LoraBank, Plan]], name: str, ranks: tuple[int, ...]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Adapter ``name``'s row of the per-row tables: ``A [Σ ranks, in]``, each member's ``A``
+        padded to its rank in the batch (zeros for a member without ``name``), and per member
+        ``s·Bᵀ [rank_m, out_m]``. Without autograd they are kept until the adapter's parameters change
+        (in place: their version counters; replaced or removed: `forget`) or the batch's members or
+        ranks do, so that a new routing (rows joining or leaving a server's batch) only stacks them:
+        the transposes, the scaling and the concatenation are paid once per adapter."""
+        layout = (tuple(id(bank) for bank, _ in members), ranks)
+        cached = self._factors.get(name)
+        if cached is not None and not torch.is_grad_enabled():
+            kept_layout, tensors, versions, factors = cached
+            if kept_layout == layout and versions == tuple(t._version for t in tensors):
+                return factors
+        held = [(bank, bank.lora_A[name], bank.lora_B[name]) if name in bank.lora_A else (bank, None, None)
+                for bank, _ in members]  # fmt: skip
+        factors = _factors(held, name, ranks)
+        if not torch.is_grad_enabled():
+            tensors = tuple(t for _, a, b in held if a is not None for t in (a, b))
+            self._factors[name] = (layout, tensors, tuple(t._version for t in tensors), factors)
+        return factors
+
+
+def _factors(held: list[tuple[LoraBank, Tensor | None, Tensor | None]], name: str, ranks: tuple[int, ...]):
+    """See `LoraGroup._row_factors`."""
+    a_parts, b_parts = [], []
+    for (bank, a, b), rank in zip(held, ranks, strict=True):
+        if a is None:
+            a_parts.append(_zeros(bank, rank, bank.in_features))
+            b_parts.append(_zeros(bank, rank, bank.out_features))
+        else:
+            a_parts.append(pad_rank(a, rank, 0))
+            b_parts.append((pad_rank(b, rank, 1) * bank.scaling[name]).T.contiguous())
+    return (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)), b_parts
+
+
+def _zeros(bank: LoraBank, rows: int, columns: int) -> Tensor:
+    like = next(iter(bank.lora_A.values()))
+    return like.new_zeros(rows, columns)
 
 
 def _split(delta: Tensor, columns: list[tuple[int, int]]) -> list[Tensor]:
