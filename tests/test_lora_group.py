@@ -55,6 +55,9 @@ def test_siblings_that_read_the_same_input_share_one_group():
         model.base_model.get_submodule(f"{attention}.o_proj").banks["lora"]
     ]
     assert _group_of(model, "model.layers.1.self_attn.q_proj") is not qkv  # another block, another group
+    model.add_adapter("r3", LoraConfig(r=3))  # the same members: the groups (and what they keep) stay
+    assert _group_of(model, f"{attention}.q_proj") is qkv and _group_of(model, f"{mlp}.up_proj") is gate_up
+    model.delete_adapter("r3")
     model.delete_adapter("r4")  # o_proj loses its only LoRA adapter; q/k/v still group
     assert "lora" not in getattr(model.base_model.get_submodule(f"{attention}.o_proj"), "banks", {})
     assert len(_group_of(model, f"{attention}.q_proj").banks) == 3
@@ -128,6 +131,30 @@ def test_kept_row_factors_follow_weight_updates_reloads_and_removals(tmp_path):
     model.delete_adapter("r4")
     check(["r2", None, "r2"])
     assert all("r4" not in group._factors for group in {id(b.group): b.group for b in _lora_banks(model)}.values())
+
+
+def test_kept_tables_serve_routings_that_alternate_across_inference_and_no_grad_modes():
+    """`bmm`'s per-row tables outlive a routing (`SlotTables`): routings of other sizes and adapters
+    that take turns, in inference mode and in no_grad mode, each still get their own rows."""
+    model = _model()
+    model.strategy = "bmm"
+    batches = {
+        "a": (["r4", "r2", "r6", None], torch.randint(1, VOCAB, (4, 5), generator=torch.Generator().manual_seed(1))),
+        "b": (["r2", "r2", None, "r4", "r6", "r6", "r4", "r2", "r4"],
+              torch.randint(1, VOCAB, (9, 5), generator=torch.Generator().manual_seed(2))),
+        "c": (["r6", "r2", "r6", "r4"], torch.randint(1, VOCAB, (4, 5), generator=torch.Generator().manual_seed(3))),
+    }  # fmt: skip
+    routings = {key: model.routing(names) for key, (names, _) in batches.items()}
+    with torch.no_grad():
+        expected = {}
+        for key, (names, ids) in batches.items():
+            expected[key] = torch.stack([(model.merge_adapter(n) if n else model.base_model)(ids[r : r + 1]).logits[0]
+                                         for r, n in enumerate(names)])  # fmt: skip
+    for key, mode in [("a", torch.inference_mode), ("b", torch.no_grad), ("a", torch.no_grad),
+                      ("c", torch.inference_mode), ("a", torch.inference_mode), ("b", torch.no_grad)]:  # fmt: skip
+        with mode(), model.routed(routings[key]):
+            logits = model.base_model(batches[key][1]).logits
+        assert torch.allclose(logits, expected[key], atol=2e-5, rtol=1e-4), key
 
 
 def _lora_banks(model: AdapterModel):

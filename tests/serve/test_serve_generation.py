@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+from flora.serve.engine import slot_order
 from serve.support import ADAPTERS
 
 MODELS = [*ADAPTERS, "tiny"]  # every adapter kind, and the base model
@@ -123,3 +124,12 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         assert time.monotonic() < deadline, "the request was not aborted"
         time.sleep(0.05)
     assert server.metric("flora:num_requests_running") == 0
+
+
+def test_rows_that_stay_keep_their_slots():
+    """A leaving row's slot takes a staying row from past the new end; the others do not move, so the
+    next decoding step's per-row tables differ only where rows changed."""
+    assert slot_order([0, 2, 3, 5]) == [0, 5, 2, 3]
+    assert slot_order([1, 2]) == [2, 1]
+    assert slot_order([3, 4, 5]) == [3, 4, 5]
+    assert slot_order([0, 1, 2]) == [0, 1, 2] and slot_order([]) == []

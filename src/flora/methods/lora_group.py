@@ -88,6 +88,7 @@ class LoraGroup:
     def __init__(self, banks: list[LoraBank]) -> None:
         self.banks = banks
         self._factors: dict[str, tuple] = {}  # adapter -> (layout, parameters, their versions, factors): `_row_factors`
+        self._slots = SlotTables()
 
     def forget(self, name: str) -> None:
         """Drop adapter ``name``'s kept row factors (see `_row_factors`)."""
@@ -136,8 +137,8 @@ class LoraGroup:
     ) -> Callable[[Tensor], list[Tensor]]:
         """``x: [batch, tokens, in] -> [Δy_m]`` for ``strategy`` (see `flora.kernels.lowrank`)."""
         if strategy == "bmm":
-            a_rows, b_rows = self._row_tables(members, plan, routing)
-            return lambda x: lowrank_bmm(x, a_rows, b_rows)
+            tables = self._row_tables(members, plan, routing)
+            return lambda x: lowrank_bmm(x, *tables())
         if strategy == "stacked":
             a_stack, row_mask, b_stacks = self._stacks(members, plan, routing)
             return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
@@ -195,30 +196,30 @@ class LoraGroup:
 
     def _row_tables(
         self, members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
-    ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
-        """For `lowrank_bmm`: ``a_rows [batch, R, in]``, member ``m`` owning rows ``R_m`` (its largest
-        rank in the batch), and per member ``(start, stop, b_rows [batch, R_m, out_m])``: each member's
-        ``B`` is read on its own, not as a block-diagonal table that would triple what decoding reads
-        from memory. Rows without one of a member's adapters read zeros. Each row's factors
-        (`_row_factors`) are stacked straight into the batch's tables (with many distinct adapters a
-        batch holds about one copy of each: a table of every adapter, then gathered, would copy them
-        twice)."""
+    ) -> Callable[[], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
+        """For `lowrank_bmm`, a function returning ``a_rows [batch, R, in]``, member ``m`` owning
+        rows ``R_m`` (its largest rank in the batch), and per member ``(start, stop, b_rows [batch,
+        R_m, out_m])``: each member's ``B`` is read on its own, not as a block-diagonal table that
+        would triple what decoding reads from memory. Rows without one of a member's adapters read
+        zeros. Each row's factors (`_row_factors`) go straight into the batch's tables: stacked under
+        autograd; without it written into tables kept between routings (`SlotTables`), where a row
+        is rewritten only when its adapter differs from the last routing's in that row."""
         ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
         factors = {name: self._row_factors(members, name, ranks) for name in plan.groups}
-        row_factors = [None] * routing.batch_size
+        row_factors: list[tuple[Tensor, list[Tensor]] | None] = [None] * routing.batch_size
         for name, rows in plan.groups.items():
             for r in rows:
                 row_factors[r] = factors[name]
+        if not torch.is_grad_enabled():
+            slots, owner, layout = self._slots, object(), (tuple(id(bank) for bank, _ in members), ranks)
+            return lambda: slots.tables(owner, layout, row_factors)
         if any(f is None for f in row_factors):
             like = next(iter(factors.values()))
             zeros = (like[0].new_zeros(like[0].shape), [b.new_zeros(b.shape) for b in like[1]])
             row_factors = [zeros if f is None else f for f in row_factors]
-        a_rows = torch.stack([a for a, _ in row_factors])
-        b_rows, start = [], 0
-        for m, rank in enumerate(ranks):
-            b_rows.append((start, start + rank, torch.stack([b[m] for _, b in row_factors])))
-            start += rank
-        return a_rows, b_rows
+        b_tables = [torch.stack([b[m] for _, b in row_factors]) for m in range(len(ranks))]
+        tables = (torch.stack([a for a, _ in row_factors]), _b_tables(b_tables, ranks))
+        return lambda: tables
 
     def _row_factors(
         self, members: list[tuple[LoraBank, Plan]], name: str, ranks: tuple[int, ...]
@@ -242,6 +243,58 @@ class LoraGroup:
             tensors = tuple(t for _, a, b in held if a is not None for t in (a, b))
             self._factors[name] = (layout, tensors, tuple(t._version for t in tensors), factors)
         return factors
+
+
+class SlotTables:
+    """`lowrank_bmm`'s per-row tables kept between routings (without autograd): slot ``r`` holds the
+    factors of row ``r``'s adapter in the routing that wrote last. A routing writes only the slots
+    whose adapter changed, so a server that keeps its rows in their slots while others join and
+    leave (`flora.serve.engine`) writes the joining rows' factors, not the whole batch's. A routing
+    whose tables another routing has overwritten since writes its changed slots again when it runs.
+    The tables grow in steps of 8 rows and are kept at the largest batch seen."""
+
+    def __init__(self) -> None:
+        self.layout: tuple | None = None
+        self.a: Tensor | None = None  # [slots, R, in]
+        self.bs: list[Tensor] = []  # per member [slots, R_m, out_m]
+        self.rows: list[object] = []  # per slot: the factors written there (None: zeros)
+        self.owner: object | None = None
+        self.views: tuple[Tensor, list[tuple[int, int, Tensor]]] | None = None
+
+    def tables(self, owner: object, layout: tuple, row_factors: list) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
+        if self.owner is owner:
+            return self.views
+        n = len(row_factors)
+        if self.layout != layout or self.a.shape[0] < n:
+            like = next(f for f in row_factors if f is not None)
+            slots = -(-n // 8) * 8
+            with torch.inference_mode(False):  # writable later in and out of inference mode
+                self.a = like[0].new_empty(slots, *like[0].shape)
+                self.bs = [b.new_empty(slots, *b.shape) for b in like[1]]
+            self.rows, self.layout = [_UNWRITTEN] * slots, layout
+        for r, factors in enumerate(row_factors):
+            if self.rows[r] is not factors:
+                if factors is None:
+                    self.a[r].zero_()
+                    for b in self.bs:
+                        b[r].zero_()
+                else:
+                    self.a[r].copy_(factors[0])
+                    for b, factor in zip(self.bs, factors[1], strict=True):
+                        b[r].copy_(factor)
+                self.rows[r] = factors
+        self.views = (self.a[:n], _b_tables([b[:n] for b in self.bs], layout[1]))
+        self.owner = owner
+        return self.views
+
+
+_UNWRITTEN = object()
+
+
+def _b_tables(tables: list[Tensor], ranks: tuple[int, ...]) -> list[tuple[int, int, Tensor]]:
+    """``(start, stop, table)`` per member: its ranks' columns of ``x Aᵀ``."""
+    starts = [sum(ranks[:m]) for m in range(len(ranks))]
+    return [(start, start + rank, table) for start, rank, table in zip(starts, ranks, tables, strict=True)]
 
 
 def _factors(held: list[tuple[LoraBank, Tensor | None, Tensor | None]], name: str, ranks: tuple[int, ...]):
@@ -268,13 +321,18 @@ def _split(delta: Tensor, columns: list[tuple[int, int]]) -> list[Tensor]:
 
 def link_groups(banks: Iterable[tuple[str, LoraBank]]) -> None:
     """Give the LoRA banks of sibling layers that read the same input one shared `LoraGroup`
-    (``banks``: ``(module name, bank)`` in module order); every other bank is a group of one."""
+    (``banks``: ``(module name, bank)`` in module order); every other bank is a group of one. Called
+    whenever adapters are added or removed: a group whose members are unchanged is kept."""
     siblings: dict[tuple[str, frozenset[str] | None], list[LoraBank]] = {}
     for module, bank in banks:
         parent, _, leaf = module.rpartition(".")
         family = next((f for f in SHARED_INPUT_LAYERS if leaf in f), None)
         siblings.setdefault((parent, family) if family else (module, None), []).append(bank)
     for members in siblings.values():
-        group = LoraGroup(members) if len(members) > 1 else members[0].own_group
+        group = members[0].group  # kept while its members stay the same: it keeps their tables
+        if len(members) == 1:
+            group = members[0].own_group
+        elif group is members[0].own_group or group.banks != members:
+            group = LoraGroup(members)
         for bank in members:
             bank.group = group

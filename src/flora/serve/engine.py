@@ -14,7 +14,9 @@ Every iteration of the engine's loop, between two decoding steps:
 4. one decoding step for all running rows: one forward of ``[rows, 1]`` tokens over the shared
    cache with each row's adapter (the `Routing` is reused while the rows stay the same), then
    every row's next token (`flora.serve.sampling`);
-5. finished rows leave: end of sequence, ``max_tokens``, or the context limit.
+5. finished rows leave: end of sequence, ``max_tokens``, or the context limit. The rows that stay
+   keep their places where they can (`slot_order`), so that the next routing differs from the last
+   only in the rows that changed.
 
 Each row sees only its own columns of the cache (the attention mask) at its own positions, so its
 tokens are those of `AdapterModel.generate` for that prompt alone, whatever shares the batch.
@@ -349,7 +351,8 @@ class Engine:
         return None
 
     def _keep(self, rows: list[int]) -> None:
-        """Only these running rows stay."""
+        """Only these running rows (ascending) stay, each in its slot where it can (`slot_order`)."""
+        rows = slot_order(rows)
         self.running = [self.running[row] for row in rows]
         self._batch = keep(self._batch, rows, self.model.config)
         index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
@@ -368,3 +371,13 @@ class Engine:
             event.reason, f" ({event.message})" if event.message else "",
         )  # fmt: skip
         request.emit(event)
+
+
+def slot_order(rows: list[int]) -> list[int]:
+    """The order of the rows that stay (``rows``, ascending) that keeps each in its slot where it can:
+    a slot whose row left takes a staying row from past the new end. Rows keep their adapter's row of
+    the per-row tables (`flora.methods.lora_group.SlotTables`) from one routing to the next:
+    ``[0, 2, 3, 5]`` of 6 rows -> ``[0, 5, 2, 3]``."""
+    staying = set(rows)
+    movers = iter(row for row in rows if row >= len(rows))
+    return [slot if slot in staying else next(movers) for slot in range(len(rows))]
