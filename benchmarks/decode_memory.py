@@ -8,8 +8,9 @@ bare model's step in the same round (paired ratios, see ``harness``):
 
 - ``one-adapter``: every row the same adapter (`segmented`: two small products per layer group);
 - ``distinct``: every row its own adapter (`bmm` over the gathered per-row tables);
-- ``distinct, fresh routing``: the same with a new routing at every step, so the per-row tables
-  are gathered again each time (what the server does when rows join or leave);
+- ``distinct, fresh routing``: the same with a new routing (of the same rows) at every step, whose
+  per-layer plans are worked out again (what the server does when rows join or leave; the kept
+  per-row tables need no rewriting here, as no row's adapter changes);
 - ``stream``: reading as many bytes as the distinct case's tables (a sum over a tensor that size).
 
 ``base / (base + stream)`` is the ratio that reading the tables allows at best. Usage:
