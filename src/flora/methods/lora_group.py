@@ -211,7 +211,9 @@ class LoraGroup:
             for r in rows:
                 row_factors[r] = factors[name]
         if not torch.is_grad_enabled():
-            slots, owner, layout = self._slots, object(), (tuple(id(bank) for bank, _ in members), ranks)
+            like = next(iter(factors.values()))[0]
+            layout = (tuple(id(bank) for bank, _ in members), ranks, like.dtype, like.device)
+            slots, owner = self._slots, object()
             return lambda: slots.tables(owner, layout, row_factors)
         if any(f is None for f in row_factors):
             like = next(iter(factors.values()))
@@ -227,21 +229,21 @@ class LoraGroup:
         """Adapter ``name``'s row of the per-row tables: ``A [Σ ranks, in]``, each member's ``A``
         padded to its rank in the batch (zeros for a member without ``name``), and per member
         ``s·Bᵀ [rank_m, out_m]``. Without autograd they are kept until the adapter's parameters change
-        (in place: their version counters; replaced or removed: `forget`) or the batch's members or
+        (in place or moved: `_versions`; replaced or removed: `forget`) or the batch's members or
         ranks do, so that a new routing (rows joining or leaving a server's batch) only stacks them:
         the transposes, the scaling and the concatenation are paid once per adapter."""
         layout = (tuple(id(bank) for bank, _ in members), ranks)
         cached = self._factors.get(name)
         if cached is not None and not torch.is_grad_enabled():
             kept_layout, tensors, versions, factors = cached
-            if kept_layout == layout and versions == tuple(t._version for t in tensors):
+            if kept_layout == layout and versions == _versions(tensors):
                 return factors
         held = [(bank, bank.lora_A[name], bank.lora_B[name]) if name in bank.lora_A else (bank, None, None)
                 for bank, _ in members]  # fmt: skip
         factors = _factors(held, name, ranks)
         if not torch.is_grad_enabled():
             tensors = tuple(t for _, a, b in held if a is not None for t in (a, b))
-            self._factors[name] = (layout, tensors, tuple(t._version for t in tensors), factors)
+            self._factors[name] = (layout, tensors, _versions(tensors), factors)
         return factors
 
 
@@ -289,6 +291,12 @@ class SlotTables:
 
 
 _UNWRITTEN = object()
+
+
+def _versions(tensors: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:
+    """What changes when a tensor is written: in place (its version counter) or given new storage
+    (``module.to(dtype)`` swaps a parameter's data without counting a version)."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 def _b_tables(tables: list[Tensor], ranks: tuple[int, ...]) -> list[tuple[int, int, Tensor]]:
