@@ -101,10 +101,10 @@ def test_category_table_and_flora_findings():
     rows = [trial("flora", 1, 8e-3, {"A": 80, "B": 60}), trial("lora", 1, 1e-3, {"A": 79, "B": 60.5}),
             trial("lora", 1, 1e-4, {"A": 10, "B": 10}), trial("ia3", None, 5e-3, {"A": 40, "B": 30})]  # fmt: skip
     columns, table = category_table(rows)
-    assert columns == ["FLoRA r1", "LoRA r1 lr 0.001", "LoRA r1 lr 0.0001", "IA3"]
-    assert table[-1] == {"category": "mean", "FLoRA r1": 70.0, "LoRA r1 lr 0.001": 69.75,
-                         "LoRA r1 lr 0.0001": 10.0, "IA3": 35.0}  # fmt: skip
+    assert columns == ["FLoRA r1", "LoRA r1 lr 1e-03", "LoRA r1 lr 1e-04", "IA3"]
+    assert table[-1] == {"category": "mean", "FLoRA r1": 70.0, "LoRA r1 lr 1e-03": 69.75,
+                         "LoRA r1 lr 1e-04": 10.0, "IA3": 35.0}  # fmt: skip
     records = [{**r, "seen_rougeL": r["validation_rougeL"], "num_tasks": 2, "model": "m"} for r in rows]
     found = flora_domains(records, columns, table)
     assert [f.verdict for f in found] == [AGREES, AGREES, CANNOT_TELL]  # one FLoRA learning rate: cannot tell
-    assert "IA3 35.0" in found[1].ours and "LoRA r1 lr 0.0001" not in found[1].ours
+    assert "IA3 35.0" in found[1].ours and "LoRA r1 lr 1e-04" not in found[1].ours

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from flora.io import atomic_write  # noqa: E402
-from flora.study.tables import METHOD_NAMES, method_label  # noqa: E402
+from flora.study.tables import METHOD_NAMES, format_rate, method_label  # noqa: E402
 
 AXIS_LABELS = {"learning_rate": "learning rate", "size": "rank / adapter size / virtual tokens",
                "num_tasks": "training tasks", "model": "model", "seed": "seed", "method": "method"}  # fmt: skip
@@ -146,7 +146,7 @@ def loss_figure(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             losses = row["losses"]
             window = max(1, len(losses) // 20)
             style = "--" if row["status"] == "unstable" else "-"
-            label = f"{method_label(method, row['size'])} lr {row['learning_rate']:g}"
+            label = f"{method_label(method, row['size'])} lr {format_rate(row['learning_rate'])}"
             label += f", {row['num_tasks']} tasks" if several_tasks else ""
             ax.plot(range(1, len(losses) + 1), _smooth(losses, window), style, color=colour(row["learning_rate"]),
                     lw=1.2, label=label)  # fmt: skip

@@ -296,7 +296,7 @@ def flora_domains(records: Sequence[dict[str, Any]], columns: list[str], table: 
         findings.append(Finding(claim, "FLoRA ≈ LoRA > IA3 on every language", "no IA3 or no FLoRA/LoRA", CANNOT_TELL))
 
     claim = "FLoRA needs a much higher learning rate than LoRA"
-    paper = "paper: FLoRA 8e-3, IA3 5e-3, LoRA 1e-4 (code); 6e-3 / 4e-3 / 2e-4 (speech)"
+    paper = "FLoRA 8e-3, IA3 5e-3, LoRA 1e-4 (code); 6e-3 / 4e-3 / 2e-4 (speech)"
     best_rate, rank = {}, min((r["size"] for r in records if r["method"] in ("flora", "lora") and r["size"]),
                               default=None)  # fmt: skip
     for method in ("flora", "lora"):  # at the same rank, by validation ROUGE-L

@@ -117,7 +117,7 @@ def category_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict
     for row in done:
         label = method_label(row["method"], row["size"])
         if len(rates[label]) > 1:
-            label = f"{label} lr {row['learning_rate']:g}"
+            label = f"{label} lr {format_rate(row['learning_rate'])}"
         columns.setdefault(label, []).append(row)
     per_column: dict[str, dict[str, float]] = {}
     for label, members in columns.items():
