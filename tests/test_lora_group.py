@@ -80,12 +80,22 @@ def test_each_row_equals_its_adapter_merged(arch, strategy, names):
     _randomized(model)
     model.strategy = strategy
     ids = torch.randint(1, VOCAB, (len(names), 7), generator=torch.Generator().manual_seed(3))
+    _assert_each_row_equals_its_adapter_merged(model, ids, names)
+
+
+def _merged_logits(model: AdapterModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    """Each row's logits alone through its adapter merged into the base (the base model for ``None``)."""
+    with torch.no_grad():
+        return torch.stack([(model.merge_adapter(name) if name else model.base_model)(ids[row : row + 1]).logits[0]
+                            for row, name in enumerate(names)])  # fmt: skip
+
+
+def _assert_each_row_equals_its_adapter_merged(model: AdapterModel, ids: torch.Tensor, names: list[str | None]):
     with torch.no_grad():
         mixed = model(ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            reference = model.merge_adapter(name) if name else model.base_model
-            expected = reference(ids[row : row + 1]).logits[0]
-            assert torch.allclose(mixed[row], expected, atol=2e-5, rtol=1e-4), (row, name)
+    expected = _merged_logits(model, ids, names)
+    for row, name in enumerate(names):
+        assert torch.allclose(mixed[row], expected[row], atol=2e-5, rtol=1e-4), (row, name)
 
 
 def test_generation_decodes_with_the_group_as_each_row_alone():
@@ -108,12 +118,7 @@ def test_kept_row_factors_follow_weight_updates_reloads_and_removals(tmp_path):
     ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7))
 
     def check(names: list[str | None]) -> None:
-        with torch.no_grad():
-            mixed = model(ids, adapter_names=names).logits
-            for row, name in enumerate(names):
-                reference = model.merge_adapter(name) if name else model.base_model
-                expected = reference(ids[row : row + 1]).logits[0]
-                assert torch.allclose(mixed[row], expected, atol=2e-5, rtol=1e-4), (row, name)
+        _assert_each_row_equals_its_adapter_merged(model, ids, names)
 
     names = ["r4", "r2", "r4"]
     check(names)
@@ -149,11 +154,7 @@ def test_kept_tables_serve_routings_that_alternate_across_inference_and_no_grad_
         "c": (["r6", "r2", "r6", "r4"], torch.randint(1, VOCAB, (4, 5), generator=torch.Generator().manual_seed(3))),
     }  # fmt: skip
     routings = {key: model.routing(names) for key, (names, _) in batches.items()}
-    with torch.no_grad():
-        expected = {}
-        for key, (names, ids) in batches.items():
-            expected[key] = torch.stack([(model.merge_adapter(n) if n else model.base_model)(ids[r : r + 1]).logits[0]
-                                         for r, n in enumerate(names)])  # fmt: skip
+    expected = {key: _merged_logits(model, ids, names) for key, (names, ids) in batches.items()}
     for key, mode in [("a", torch.inference_mode), ("b", torch.no_grad), ("a", torch.no_grad),
                       ("c", torch.inference_mode), ("a", torch.inference_mode), ("b", torch.no_grad)]:  # fmt: skip
         with mode(), model.routed(routings[key]):
