@@ -142,6 +142,34 @@ def test_kept_row_factors_follow_weight_updates_reloads_and_removals(tmp_path):
     assert all("r4" not in group._factors for group in {id(b.group): b.group for b in _lora_banks(model)}.values())
 
 
+def test_read_only_adapters_keep_row_factors_through_loads_and_removals(tmp_path):
+    """With `AdapterModel.adapters_read_only` (a server's promise) kept factors are reused without
+    reading version counters: adapters loaded again, removed and added are still seen; an in-place
+    update, which breaks the promise, is not, until the flag is cleared."""
+    model = _model()
+    model.strategy = "bmm"
+    model.adapters_read_only = True
+    ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(8))
+    names = ["r4", "r2", "r4"]
+    _assert_each_row_equals_its_adapter_merged(model, ids, names)
+    model.save_adapter("r2", tmp_path / "r2")
+    model.delete_adapter("r2")
+    model.add_adapter("r2", LoraConfig(r=3, alpha=6))  # a new adapter under the old name, another rank
+    with torch.no_grad():  # before its first use: nothing of it is kept yet
+        model.adapter_parameters("r2")[next(k for k in model.adapter_parameters("r2") if "lora_B" in k)].fill_(0.2)
+    _assert_each_row_equals_its_adapter_merged(model, ids, names)
+    model.delete_adapter("r2")
+    model.load_adapter(tmp_path / "r2", adapter_name="r2")
+    _assert_each_row_equals_its_adapter_merged(model, ids, ["r2", None, "r4"])
+
+    with torch.no_grad():
+        before = model(ids, adapter_names=names).logits
+        model.adapter_parameters("r4")[next(k for k in model.adapter_parameters("r4") if "lora_B" in k)].add_(0.5)
+        assert torch.equal(model(ids, adapter_names=names).logits, before)  # kept: the update is not read
+    model.adapters_read_only = False
+    _assert_each_row_equals_its_adapter_merged(model, ids, names)
+
+
 def test_kept_tables_serve_routings_that_alternate_across_inference_and_no_grad_modes():
     """`bmm`'s per-row tables outlive a routing (`SlotTables`): routings of other sizes and adapters
     that take turns, in inference mode and in no_grad mode, each still get their own rows."""

@@ -93,6 +93,18 @@ class AdapterModel(nn.Module):
             raise ValueError(f"strategy {value!r} is unknown (expected one of {', '.join(STRATEGIES)})")
         self.routing_state.strategy = value
 
+    @property
+    def adapters_read_only(self) -> bool:
+        """A promise that adapter parameters are never written in place, only added, replaced or
+        deleted (as in a server). What flora derives from them and keeps between batches (LoRA's
+        per-row tables) is then reused without reading every parameter's version counter on each new
+        batch composition. Default ``False``: in-place updates (an optimizer step) are seen."""
+        return self.routing_state.adapters_read_only
+
+    @adapters_read_only.setter
+    def adapters_read_only(self, value: bool) -> None:
+        self.routing_state.adapters_read_only = bool(value)
+
     # -- adapters ------------------------------------------------------------------------------
 
     def list_adapters(self) -> list[str]:

@@ -9,7 +9,8 @@ what it derives from the routing (row groups, gathered weights, the chosen strat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,14 +51,21 @@ class Routing:
             self.memo[key] = Routing(tuple(n for n in self.names for _ in range(k)), self.device)
         return self.memo[key]
 
-    def rows_by_adapter(self, adapters: Sequence[str]) -> dict[str, list[int]]:
-        """Row indices of each of ``adapters`` that occurs in this batch, in first-seen order."""
+    def rows_by_adapter(self, adapters: Iterable[str]) -> dict[str, list[int]]:
+        """Row indices of each of ``adapters`` that occurs in this batch, in first-seen order (the
+        lists are shared: read them, don't change them)."""
         wanted = set(adapters)
-        groups: dict[str, list[int]] = {}
+        return {name: rows for name, rows in self._rows.items() if name in wanted}
+
+    @functools.cached_property
+    def _rows(self) -> dict[str, list[int]]:
+        """Row indices of every adapter in the batch, in first-seen order: one pass over the rows per
+        routing, however many banks ask."""
+        rows: dict[str, list[int]] = {}
         for row, name in enumerate(self.names):
-            if name in wanted:
-                groups.setdefault(name, []).append(row)
-        return groups
+            if name is not None:
+                rows.setdefault(name, []).append(row)
+        return rows
 
 
 class RoutingState:
@@ -70,3 +78,4 @@ class RoutingState:
         self.current: Routing | None = None
         self.strategy: str = "auto"
         self.tuner: Any = None  # a flora.kernels.autotune.Autotuner, set by AdapterModel
+        self.adapters_read_only = False  # see AdapterModel.adapters_read_only

@@ -178,8 +178,11 @@ class Bank(nn.Module):
 
     def plan(self, routing: Routing) -> Plan | None:
         """The rows of this batch that use one of this bank's adapters (``None`` if there are none)."""
-        groups = routing.rows_by_adapter(self.adapters())
-        return Plan(groups, routing.device) if groups else None
+        key = (id(self), "plan")
+        if key not in routing.memo:
+            groups = routing.rows_by_adapter(self.adapters())
+            routing.memo[key] = Plan(groups, routing.device) if groups else None
+        return routing.memo[key]
 
     def prepared(self, routing: Routing, strategy: str, build: Callable[[], Any]) -> Any:
         """``build()`` (a strategy's kernel with its per-row weights) once per routing and strategy:

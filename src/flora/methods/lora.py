@@ -130,8 +130,10 @@ class LoraBank(Bank):
 
     def _dropout(self, plan: Plan, routing: Routing) -> Callable[[Tensor], Tensor] | None:
         """Each row's adapter's dropout on the LoRA path's input (training only), or ``None``."""
+        if not self.training:
+            return None
         rates = {self.dropout[n] for n in plan.groups}
-        if not self.training or rates == {0.0}:
+        if rates == {0.0}:
             return None
         if len(rates) == 1 and sum(map(len, plan.groups.values())) == routing.batch_size:
             rate = rates.pop()

@@ -205,16 +205,13 @@ class LoraGroup:
         autograd; without it written into tables kept between routings (`SlotTables`), where a row
         is rewritten only when its adapter differs from the last routing's in that row."""
         ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
-        factors = {name: self._row_factors(members, name, ranks) for name in plan.groups}
-        row_factors: list[tuple[Tensor, list[Tensor]] | None] = [None] * routing.batch_size
-        for name, rows in plan.groups.items():
-            for r in rows:
-                row_factors[r] = factors[name]
+        layout = (tuple(id(bank) for bank, _ in members), ranks)
+        factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
+        row_factors = [factors.get(name) for name in routing.names]  # None: a row without an adapter here
         if not torch.is_grad_enabled():
             like = next(iter(factors.values()))[0]
-            layout = (tuple(id(bank) for bank, _ in members), ranks, like.dtype, like.device)
             slots, owner = self._slots, object()
-            return lambda: slots.tables(owner, layout, row_factors)
+            return lambda: slots.tables(owner, (*layout, like.dtype, like.device), row_factors)
         if any(f is None for f in row_factors):
             like = next(iter(factors.values()))
             zeros = (like[0].new_zeros(like[0].shape), [b.new_zeros(b.shape) for b in like[1]])
@@ -224,23 +221,25 @@ class LoraGroup:
         return lambda: tables
 
     def _row_factors(
-        self, members: list[tuple[LoraBank, Plan]], name: str, ranks: tuple[int, ...]
+        self, members: list[tuple[LoraBank, Plan]], name: str, layout: tuple[tuple[int, ...], tuple[int, ...]]
     ) -> tuple[Tensor, list[Tensor]]:
         """Adapter ``name``'s row of the per-row tables: ``A [Σ ranks, in]``, each member's ``A``
         padded to its rank in the batch (zeros for a member without ``name``), and per member
-        ``s·Bᵀ [rank_m, out_m]``. Without autograd they are kept until the adapter's parameters change
+        ``s·Bᵀ [rank_m, out_m]`` (``layout``: the members' ids and their ranks in the batch). Without
+        autograd they are kept until the adapter's parameters change
         (in place or moved: `_versions`; replaced or removed: `forget`) or the batch's members or
         ranks do, so that a new routing (rows joining or leaving a server's batch) only stacks them:
-        the transposes, the scaling and the concatenation are paid once per adapter."""
-        layout = (tuple(id(bank) for bank, _ in members), ranks)
+        the transposes, the scaling and the concatenation are paid once per adapter. A model whose
+        adapters are read-only (`AdapterModel.adapters_read_only`) skips the version check."""
         cached = self._factors.get(name)
         if cached is not None and not torch.is_grad_enabled():
             kept_layout, tensors, versions, factors = cached
-            if kept_layout == layout and versions == _versions(tensors):
+            read_only = self.banks[0].state.adapters_read_only
+            if kept_layout == layout and (read_only or versions == _versions(tensors)):
                 return factors
         held = [(bank, bank.lora_A[name], bank.lora_B[name]) if name in bank.lora_A else (bank, None, None)
                 for bank, _ in members]  # fmt: skip
-        factors = _factors(held, name, ranks)
+        factors = _factors(held, name, layout[1])
         if not torch.is_grad_enabled():
             tensors = tuple(t for _, a, b in held if a is not None for t in (a, b))
             self._factors[name] = (layout, tensors, _versions(tensors), factors)
@@ -273,19 +272,21 @@ class SlotTables:
             with torch.inference_mode(False):  # writable later in and out of inference mode
                 self.a = like[0].new_empty(slots, *like[0].shape)
                 self.bs = [b.new_empty(slots, *b.shape) for b in like[1]]
-            self.rows, self.layout = [_UNWRITTEN] * slots, layout
-        for r, factors in enumerate(row_factors):
-            if self.rows[r] is not factors:
-                if factors is None:
-                    self.a[r].zero_()
-                    for b in self.bs:
-                        b[r].zero_()
-                else:
-                    self.a[r].copy_(factors[0])
-                    for b, factor in zip(self.bs, factors[1], strict=True):
-                        b[r].copy_(factor)
-                self.rows[r] = factors
-        self.views = (self.a[:n], _b_tables([b[:n] for b in self.bs], layout[1]))
+            self.rows, self.layout, self.views = [_UNWRITTEN] * slots, layout, None
+        kept = self.rows[:n]
+        for r in [r for r, (old, new) in enumerate(zip(kept, row_factors, strict=True)) if old is not new]:
+            factors = row_factors[r]
+            if factors is None:
+                self.a[r].zero_()
+                for b in self.bs:
+                    b[r].zero_()
+            else:
+                self.a[r].copy_(factors[0])
+                for b, factor in zip(self.bs, factors[1], strict=True):
+                    b[r].copy_(factor)
+            self.rows[r] = factors
+        if self.views is None or self.views[0].shape[0] != n:
+            self.views = (self.a[:n], _b_tables([b[:n] for b in self.bs], layout[1]))
         self.owner = owner
         return self.views
 

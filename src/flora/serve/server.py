@@ -68,6 +68,7 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
     if model.tokenizer is None:
         raise ValueError("the server needs the model's tokenizer (AdapterModel(..., tokenizer=...))")
     model.eval()
+    model.adapters_read_only = True  # the registry installs and deletes adapters, never writes them in place
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = settings.max_model_len or context
     if max_model_len > context:
