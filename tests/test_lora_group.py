@@ -229,9 +229,9 @@ def test_strategies_of_the_kernels_agree(tokens):
     adapters = [(torch.randn(3, 8, generator=generator), torch.randn(3, 6, generator=generator)) for _ in range(3)]
     rows = [[0, 1], [2], [3, 4]]  # rows already in adapter order
     expected = torch.cat([x[r] @ a.T @ b for r, (a, b) in zip(rows, adapters, strict=True)])
-    loop = lowrank_loop(x, [(torch.tensor(r), a, b) for r, (a, b) in zip(rows, adapters, strict=True)], 6)
-    segments = [(r[0], r[-1] + 1, a, b) for r, (a, b) in zip(rows, adapters, strict=True)]
-    in_order = lowrank_segmented(x, None, segments, 6)
+    (loop,) = lowrank_loop(x, [(torch.tensor(r), a, [(0, 3, b)]) for r, (a, b) in zip(rows, adapters, strict=True)])
+    segments = [(r[0], r[-1] + 1, a, [(0, 3, b)]) for r, (a, b) in zip(rows, adapters, strict=True)]
+    (in_order,) = lowrank_segmented(x, None, segments)
     a_rows = torch.stack([adapters[i][0] for i, r in enumerate(rows) for _ in r])
     b_rows = torch.stack([adapters[i][1] for i, r in enumerate(rows) for _ in r])
     (bmm,) = lowrank_bmm(x, a_rows, [(0, 3, b_rows)])
@@ -245,6 +245,30 @@ def test_strategies_of_the_kernels_agree(tokens):
     # Two layers sharing the input: ranks 0:3 feed the first output, 3:6 the second (a doubled B).
     first, second = lowrank_bmm(x, torch.cat([a_rows, a_rows], dim=1), [(0, 3, b_rows), (3, 6, 2 * b_rows)])
     assert torch.allclose(first, expected, atol=1e-5) and torch.allclose(second, 2 * expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_loop_and_segmented_scatter_each_output_to_its_rows(tokens):
+    """Two outputs reading ranks 0:3 and 3:5 of ``x Aᵀ``, adapters on rows out of order, and rows
+    without an adapter (zeros in every output)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, tokens, 8, generator=generator)
+    adapters = {
+        name: (torch.randn(5, 8, generator=generator),
+               [(0, 3, torch.randn(3, 6, generator=generator)), (3, 5, torch.randn(2, 4, generator=generator))])
+        for name in ("p", "q")
+    }  # fmt: skip
+    rows = {"p": [3, 0], "q": [2]}
+    expected = [torch.zeros(5, tokens, 6), torch.zeros(5, tokens, 4)]
+    for name, (a, b_parts) in adapters.items():
+        for output, (start, stop, b) in zip(expected, b_parts, strict=True):
+            output[rows[name]] = (x[rows[name]] @ a.T)[..., start:stop] @ b
+    loop = lowrank_loop(x, [(torch.tensor(rows[name]), *adapters[name]) for name in ("p", "q")])
+    segmented = lowrank_segmented(x, torch.tensor([3, 0, 2]), [(0, 2, *adapters["p"]), (2, 3, *adapters["q"])])
+    for result in (loop, segmented):
+        assert len(result) == 2
+        for got, want in zip(result, expected, strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_adapters_added_to_a_model_in_eval_mode_apply_no_dropout():

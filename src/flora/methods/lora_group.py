@@ -4,15 +4,18 @@ Attention's q/k/v projections (and an MLP's gate/up) all read the same hidden st
 group of such layers ``m = 1..k`` and an adapter with factors ``A_m: [r_m, in]``, ``B_m: [out_m, r_m]``
 and scaling ``s_m`` in each (``A_m = 0`` where it does not adapt layer ``m``), stack
 
-    A = [A_1; ...; A_k]                                   [R, in],  R = Σ r_m
-    B = blockdiag(s_1 B_1ᵀ, ..., s_k B_kᵀ)                [R, O],   O = Σ out_m
+    A = [A_1; ...; A_k]                     [R, in],  R = Σ r_m
 
-so that ``(x Aᵀ) B = [Δy_1 | ... | Δy_k]``: every member's update from one product pair instead of
-one pair per layer (`flora.kernels.lowrank`). With per-row tables (``bmm``, rows using different
-adapters) the ``x Aᵀ`` product is shared and each member then reads its own ``B_m`` rows: a
-block-diagonal table gathered per row would multiply what decoding reads from memory. Alone in
-its layer, a member adds its update to its base output inside the base matmul (``addmm``,
-`LoraBank.fused_step`).
+so that ``x Aᵀ = [x A_1ᵀ | ... | x A_kᵀ]`` is one product for the group, and each member's update
+reads its own ranks ``R_m`` of it:
+
+    Δy_m = (x Aᵀ)[..., R_m] · s_m B_mᵀ      [batch, tokens, out_m]
+
+one product for ``x Aᵀ`` and one per member instead of a pair per layer (`flora.kernels.lowrank`).
+Each member keeps its own ``B``: a block-diagonal ``blockdiag(s_1 B_1ᵀ, ..., s_k B_kᵀ)`` would make
+the second step one product, but multiplies what decoding reads from the per-row tables by ``k``.
+Alone in its layer, a member adds its update to its base output inside the base matmul
+(``addmm``, `LoraBank.fused_step`).
 
 A layer whose siblings have no LoRA is a group of one, the same code with ``k = 1``. Which layers
 read the same input is a property of the architecture (`SHARED_INPUT_LAYERS`, after vLLM's
@@ -31,7 +34,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
@@ -142,34 +144,22 @@ class LoraGroup:
         if strategy == "stacked":
             a_stack, row_mask, b_stacks = self._stacks(members, plan, routing)
             return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
-        columns, start = [], 0
-        for bank, _ in members:
-            columns.append((start, start + bank.out_features))
-            start += bank.out_features
-        stacked = {name: self._stacked(members, name) for name in plan.groups}
+        ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
+        layout = (tuple(id(bank) for bank, _ in members), ranks)
+        factors = {}
+        for name in plan.groups:
+            a, b_parts = self._row_factors(members, name, layout)
+            factors[name] = (a, _b_tables(b_parts, ranks))
         if strategy == "loop":
-            groups = [(plan.rows[name], *stacked[name]) for name in plan.groups]
-            return lambda x: _split(lowrank_loop(x, groups, start), columns)
+            groups = [(plan.rows[name], *factors[name]) for name in plan.groups]
+            return lambda x: lowrank_loop(x, groups)
         order, segments, first = [], [], 0
         for name, rows in plan.groups.items():
             order.extend(rows)
-            segments.append((first, first + len(rows), *stacked[name]))
+            segments.append((first, first + len(rows), *factors[name]))
             first += len(rows)
         order_t = None if order == list(range(routing.batch_size)) else torch.tensor(order, device=routing.device)
-        return lambda x: _split(lowrank_segmented(x, order_t, segments, start), columns)
-
-    @staticmethod
-    def _stacked(members: list[tuple[LoraBank, Plan]], name: str) -> tuple[Tensor, Tensor]:
-        """``(A [R, in], B [R, O])`` of adapter ``name`` over the members, ``B`` block-diagonal (see
-        the module docstring); members without ``name`` contribute no rows and zero columns."""
-        out_features = sum(bank.out_features for bank, _ in members)
-        a, b, column = [], [], 0
-        for bank, _ in members:
-            if name in bank.lora_A:
-                a.append(bank.lora_A[name])
-                b.append(F.pad(bank.scaled_b(name).T, (column, out_features - column - bank.out_features)))
-            column += bank.out_features
-        return torch.cat(a), torch.cat(b)
+        return lambda x: lowrank_segmented(x, order_t, segments)
 
     @staticmethod
     def _stacks(
@@ -322,10 +312,6 @@ def _factors(held: list[tuple[LoraBank, Tensor | None, Tensor | None]], name: st
 def _zeros(bank: LoraBank, rows: int, columns: int) -> Tensor:
     like = next(iter(bank.lora_A.values()))
     return like.new_zeros(rows, columns)
-
-
-def _split(delta: Tensor, columns: list[tuple[int, int]]) -> list[Tensor]:
-    return [delta[..., start:stop] for start, stop in columns]
 
 
 def link_groups(banks: Iterable[tuple[str, LoraBank]]) -> None:
