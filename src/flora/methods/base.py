@@ -217,7 +217,8 @@ class Bank(nn.Module):
             self.method, shape, token_bucket(x.shape[0]), token_bucket(x.shape[1]), token_bucket(len(plan.groups)),
             token_bucket(sum(map(len, plan.groups.values()))), x.device.type, x.dtype, torch.is_grad_enabled(),
         )  # fmt: skip
-        return self.state.tuner.pick(key, {name: trial(name) for name in self.strategies})
+        tuner = self.state.tuner
+        return tuner.choices.get(key) or tuner.pick(key, {name: trial(name) for name in self.strategies})
 
     def rank(self, name: str) -> int:
         return 1
