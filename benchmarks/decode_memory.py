@@ -10,7 +10,8 @@ bare model's step in the same round (paired ratios, see ``harness``):
 - ``distinct``: every row its own adapter (`bmm` over the gathered per-row tables);
 - ``distinct, fresh routing``: the same with a new routing (of the same rows) at every step, whose
   per-layer plans are worked out again (what the server does when rows join or leave; the kept
-  per-row tables need no rewriting here, as no row's adapter changes);
+  per-row tables need no rewriting here, as no row's adapter changes). The model's adapters are
+  read-only here, as in the server (`AdapterModel.adapters_read_only`);
 - ``stream``: reading as many bytes as the distinct case's tables (a sum over a tensor that size).
 
 ``base / (base + stream)`` is the ratio that reading the tables allows at best. Usage:
@@ -47,6 +48,7 @@ def main() -> None:
 
     base, tokenizer = load_base(args.model)
     model = AdapterModel(load_base(args.model)[0], tokenizer)
+    model.adapters_read_only = True  # as `flora serve` sets it
     for i in range(args.rows):
         model.add_adapter(f"lora{i}", LoraConfig(r=args.rank, alpha=2 * args.rank))
         randomize(model.adapter_parameters(f"lora{i}"), seed=i)
