@@ -57,7 +57,8 @@ class ServeSettings:
 
 
 def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> ServerState:
-    """Everything a server needs, its engine running and its ``--adapter`` adapters loaded."""
+    """Everything a server needs, its engine running and its ``--adapter`` adapters loaded. A
+    ``model`` given is put in eval mode with read-only adapters (`AdapterModel.adapters_read_only`)."""
     settings.check()
     base_path = settings.model
     if model is None:
