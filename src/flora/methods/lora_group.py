@@ -125,52 +125,53 @@ class LoraGroup:
         plan = Plan(routing.rows_by_adapter(names), routing.device)
         x3 = x.reshape(routing.batch_size, -1, x.shape[-1])
         lead = members[0][0]
-        shape = (lead.in_features, tuple((b.out_features, max(map(b.rank, p.groups))) for b, p in members))
+        ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
+        layout = (tuple(id(bank) for bank, _ in members), ranks)  # each member's largest rank in the batch
+        shape = (lead.in_features, tuple(zip((bank.out_features for bank, _ in members), ranks, strict=True)))
 
         def kernel(strategy: str) -> Callable[[Tensor], list[Tensor]]:
-            return lead.prepared(routing, (id(self), strategy), lambda: self._kernel(strategy, members, plan, routing))
+            return lead.prepared(
+                routing, (id(self), strategy), lambda: self._kernel(strategy, members, layout, plan, routing)
+            )
 
         strategy = lead.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)[0], shape)
         position = {id(bank): i for i, (bank, _) in enumerate(members)}
         return GroupRun(kernel(strategy), position, routing.batch_size)
 
     def _kernel(
-        self, strategy: str, members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+        self, strategy: str, members: list[tuple[LoraBank, Plan]], layout: tuple, plan: Plan, routing: Routing
     ) -> Callable[[Tensor], list[Tensor]]:
-        """``x: [batch, tokens, in] -> [Δy_m]`` for ``strategy`` (see `flora.kernels.lowrank`)."""
-        if strategy == "bmm":
-            tables = self._row_tables(members, plan, routing)
-            return lambda x: lowrank_bmm(x, *tables())
+        """``x: [batch, tokens, in] -> [Δy_m]`` for ``strategy`` (see `flora.kernels.lowrank`);
+        ``layout``: the members' ids and their largest ranks in the batch."""
+        ranks = layout[1]
         if strategy == "stacked":
-            a_stack, row_mask, b_stacks = self._stacks(members, plan, routing)
+            a_stack, row_mask, b_stacks = self._stacks(members, ranks, plan, routing)
             return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
-        ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
-        layout = (tuple(id(bank) for bank, _ in members), ranks)
-        factors = {}
-        for name in plan.groups:
-            a, b_parts = self._row_factors(members, name, layout)
-            factors[name] = (a, _b_tables(b_parts, ranks))
+        factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
+        if strategy == "bmm":
+            tables = self._row_tables(factors, layout, routing)
+            return lambda x: lowrank_bmm(x, *tables())
+        columns = {name: (a, _b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
         if strategy == "loop":
-            groups = [(plan.rows[name], *factors[name]) for name in plan.groups]
+            groups = [(plan.rows[name], *columns[name]) for name in plan.groups]
             return lambda x: lowrank_loop(x, groups)
         order, segments, first = [], [], 0
         for name, rows in plan.groups.items():
             order.extend(rows)
-            segments.append((first, first + len(rows), *factors[name]))
+            segments.append((first, first + len(rows), *columns[name]))
             first += len(rows)
         order_t = None if order == list(range(routing.batch_size)) else torch.tensor(order, device=routing.device)
         return lambda x: lowrank_segmented(x, order_t, segments)
 
     @staticmethod
     def _stacks(
-        members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+        members: list[tuple[LoraBank, Plan]], ranks: tuple[int, ...], plan: Plan, routing: Routing
     ) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
         """For `lowrank_stacked`: ``a_stack [C, in]`` with, member by member, the batch's adapters of
         that member (each padded to the member's largest rank in the batch), ``row_mask
         [batch, 1, C]`` and per member ``(start, stop, b_stack [stop - start, out_m])``."""
         a_parts, b_stacks, blocks, start = [], [], [], 0
-        for bank, member_plan in members:
-            rank = max(map(bank.rank, member_plan.groups))
+        for (bank, _), rank in zip(members, ranks, strict=True):
             held = [n for n in plan.groups if n in bank.lora_A]
             a_parts.extend(pad_rank(bank.lora_A[n], rank, 0) for n in held)
             b_stack = torch.cat([pad_rank(bank.scaled_b(n), rank, 1).T for n in held])
@@ -185,7 +186,7 @@ class LoraGroup:
         return torch.cat(a_parts), row_mask, b_stacks
 
     def _row_tables(
-        self, members: list[tuple[LoraBank, Plan]], plan: Plan, routing: Routing
+        self, factors: dict[str, tuple[Tensor, list[Tensor]]], layout: tuple, routing: Routing
     ) -> Callable[[], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
         """For `lowrank_bmm`, a function returning ``a_rows [batch, R, in]``, member ``m`` owning
         rows ``R_m`` (its largest rank in the batch), and per member ``(start, stop, b_rows [batch,
@@ -194,9 +195,7 @@ class LoraGroup:
         zeros. Each row's factors (`_row_factors`) go straight into the batch's tables: stacked under
         autograd; without it written into tables kept between routings (`SlotTables`), where a row
         is rewritten only when its adapter differs from the last routing's in that row."""
-        ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
-        layout = (tuple(id(bank) for bank, _ in members), ranks)
-        factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
+        ranks = layout[1]
         row_factors = [factors.get(name) for name in routing.names]  # None: a row without an adapter here
         if not torch.is_grad_enabled():
             like = next(iter(factors.values()))[0]
