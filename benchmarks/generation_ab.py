@@ -40,7 +40,10 @@ def main() -> None:
         return
     if not args.against:
         parser.error("--against REV is required")
-    against = git("rev-parse", args.against)
+    try:
+        against = git("rev-parse", "--verify", f"{args.against}^{{commit}}")
+    except subprocess.CalledProcessError:
+        parser.error(f"--against {args.against!r} is not a commit of this repository (expected a git revision)")
     head = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "against"
