@@ -93,8 +93,9 @@ class LoraGroup:
         self._slots = SlotTables()
 
     def forget(self, name: str) -> None:
-        """Drop adapter ``name``'s kept row factors (see `_row_factors`)."""
+        """Drop adapter ``name``'s kept row factors (see `_row_factors`) and its rows of the kept tables."""
         self._factors.pop(name, None)
+        self._slots.forget(name)
 
     def computes_together(self, routing: Routing) -> bool:
         """Whether the members share one computation: not while one trains with dropout (whose mask
@@ -125,7 +126,7 @@ class LoraGroup:
         plan = Plan(routing.rows_by_adapter(names), routing.device)
         x3 = x.reshape(routing.batch_size, -1, x.shape[-1])
         lead = members[0][0]
-        ranks = tuple(max(map(bank.rank, member_plan.groups)) for bank, member_plan in members)
+        ranks = tuple(max(map(bank.ranks.__getitem__, member_plan.groups)) for bank, member_plan in members)
         layout = (tuple(id(bank) for bank, _ in members), ranks)  # each member's largest rank in the batch
         shape = (lead.in_features, tuple(zip((bank.out_features for bank, _ in members), ranks, strict=True)))
 
@@ -147,10 +148,10 @@ class LoraGroup:
         if strategy == "stacked":
             a_stack, row_mask, b_stacks = self._stacks(members, ranks, plan, routing)
             return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
-        factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
         if strategy == "bmm":
-            tables = self._row_tables(factors, layout, routing)
+            tables = self._row_tables(members, layout, plan, routing)
             return lambda x: lowrank_bmm(x, *tables())
+        factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
         columns = {name: (a, _b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
         if strategy == "loop":
             groups = [(plan.rows[name], *columns[name]) for name in plan.groups]
@@ -186,7 +187,7 @@ class LoraGroup:
         return torch.cat(a_parts), row_mask, b_stacks
 
     def _row_tables(
-        self, factors: dict[str, tuple[Tensor, list[Tensor]]], layout: tuple, routing: Routing
+        self, members: list[tuple[LoraBank, Plan]], layout: tuple, plan: Plan, routing: Routing
     ) -> Callable[[], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
         """For `lowrank_bmm`, a function returning ``a_rows [batch, R, in]``, member ``m`` owning
         rows ``R_m`` (its largest rank in the batch), and per member ``(start, stop, b_rows [batch,
@@ -194,15 +195,22 @@ class LoraGroup:
         would triple what decoding reads from memory. Rows without one of a member's adapters read
         zeros. Each row's factors (`_row_factors`) go straight into the batch's tables: stacked under
         autograd; without it written into tables kept between routings (`SlotTables`), where a row
-        is rewritten only when its adapter differs from the last routing's in that row."""
+        is rewritten only when its adapter differs from the last routing's in that row (or, unless
+        the adapters are read-only, when its factors were worked out again)."""
         ranks = layout[1]
-        row_factors = [factors.get(name) for name in routing.names]  # None: a row without an adapter here
+        names = [name if name in plan.groups else None for name in routing.names]  # None: zeros
         if not torch.is_grad_enabled():
-            like = next(iter(factors.values()))[0]
-            slots, owner = self._slots, object()
-            return lambda: slots.tables(owner, (*layout, like.dtype, like.device), row_factors)
-        if any(f is None for f in row_factors):
-            like = next(iter(factors.values()))
+            like = self._row_factors(members, next(iter(plan.groups)), layout)[0]
+            slots, owner, key = self._slots, object(), (*layout, like.dtype, like.device)
+            read_only = self.banks[0].state.adapters_read_only
+
+            def factors(name: str) -> tuple[Tensor, list[Tensor]]:
+                return self._row_factors(members, name, layout)
+
+            return lambda: slots.tables(owner, key, names, factors, read_only)
+        row_factors = [None if name is None else self._row_factors(members, name, layout) for name in names]
+        if None in names:
+            like = next(f for f in row_factors if f is not None)
             zeros = (like[0].new_zeros(like[0].shape), [b.new_zeros(b.shape) for b in like[1]])
             row_factors = [zeros if f is None else f for f in row_factors]
         b_tables = [torch.stack([b[m] for _, b in row_factors]) for m in range(len(ranks))]
@@ -239,41 +247,56 @@ class SlotTables:
     """`lowrank_bmm`'s per-row tables kept between routings (without autograd): slot ``r`` holds the
     factors of row ``r``'s adapter in the routing that wrote last. A routing writes only the slots
     whose adapter changed, so a server that keeps its rows in their slots while others join and
-    leave (`flora.serve.engine`) writes the joining rows' factors, not the whole batch's. A routing
-    whose tables another routing has overwritten since writes its changed slots again when it runs.
-    The tables grow in steps of 8 rows and are kept at the largest batch seen."""
+    leave (`flora.serve.engine`) writes the joining rows' factors, not the whole batch's: only those
+    rows' factors are looked up, unless the adapters may have changed in place (not read-only),
+    when every row's are, to compare. A routing whose tables another routing has overwritten since
+    writes its changed slots again when it runs. The tables grow in steps of 8 rows and are kept
+    at the largest batch seen."""
 
     def __init__(self) -> None:
         self.layout: tuple | None = None
         self.a: Tensor | None = None  # [slots, R, in]
         self.bs: list[Tensor] = []  # per member [slots, R_m, out_m]
-        self.rows: list[object] = []  # per slot: the factors written there (None: zeros)
+        self.names: list[object] = []  # per slot: the adapter written there (None: zeros)
+        self.written: list[object] = []  # per slot: the factors written there
         self.owner: object | None = None
         self.views: tuple[Tensor, list[tuple[int, int, Tensor]]] | None = None
 
-    def tables(self, owner: object, layout: tuple, row_factors: list) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
+    def forget(self, name: str) -> None:
+        """Adapter ``name`` was replaced or removed: its slots are written again when next used."""
+        self.names = [_UNWRITTEN if kept == name else kept for kept in self.names]
+
+    def tables(
+        self, owner: object, layout: tuple, names: list[str | None], factors: Callable, read_only: bool
+    ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
+        """The views for rows ``names`` (per row an adapter, or ``None`` for zeros); ``factors(name)``
+        gives an adapter's row factors (`LoraGroup._row_factors`)."""
         if self.owner is owner:
             return self.views
-        n = len(row_factors)
+        n = len(names)
         if self.layout != layout or self.a.shape[0] < n:
-            like = next(f for f in row_factors if f is not None)
+            like = factors(next(name for name in names if name is not None))
             slots = -(-n // 8) * 8
             with torch.inference_mode(False):  # writable later in and out of inference mode
                 self.a = like[0].new_empty(slots, *like[0].shape)
                 self.bs = [b.new_empty(slots, *b.shape) for b in like[1]]
-            self.rows, self.layout, self.views = [_UNWRITTEN] * slots, layout, None
-        kept = self.rows[:n]
-        for r in [r for r, (old, new) in enumerate(zip(kept, row_factors, strict=True)) if old is not new]:
-            factors = row_factors[r]
-            if factors is None:
+            self.names, self.written = [_UNWRITTEN] * slots, [None] * slots
+            self.layout, self.views = layout, None
+        for r, name in enumerate(names):
+            if name == self.names[r]:
+                if read_only or name is None or factors(name) is self.written[r]:
+                    continue
+            if name is None:
                 self.a[r].zero_()
                 for b in self.bs:
                     b[r].zero_()
+                self.written[r] = None
             else:
-                self.a[r].copy_(factors[0])
-                for b, factor in zip(self.bs, factors[1], strict=True):
+                row = self.written[r] = factors(name)
+                self.a[r].copy_(row[0])
+                for b, factor in zip(self.bs, row[1], strict=True):
                     b[r].copy_(factor)
-            self.rows[r] = factors
+            self.names[r] = name
         if self.views is None or self.views[0].shape[0] != n:
             self.views = (self.a[:n], _b_tables([b[:n] for b in self.bs], layout[1]))
         self.owner = owner

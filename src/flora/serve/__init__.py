@@ -5,7 +5,7 @@ Modules:
 - `protocol`: request bodies and the error body (OpenAI's and vLLM's shapes).
 - `app`: the HTTP routes (FastAPI), streaming, tokenization and detokenization.
 - `engine`: continuous batching on one thread; every row through its own adapter in one forward.
-- `batch_cache`: the running batch's key/value cache, rows joining and leaving.
+- `slot_cache`: the running batch's key/value cache, one slot per row, written in place.
 - `sampling`: greedy and seeded sampling per row.
 - `registry`: adapters by name, loaded on first use, LRU eviction, pinning, in-place reloads.
 - `metrics`: Prometheus metrics.

@@ -9,14 +9,14 @@ Every iteration of the engine's loop, between two decoding steps:
    ``max_num_batched_tokens`` tokens per step); a request whose adapter is still loading is
    skipped, not waited for. Admitted requests are prefilled together, one forward over their
    left-padded prompts with each row's adapter (`AdapterModel.forward`, which also puts prompt- and
-   prefix-tuning rows' virtual tokens in front), and their key/value caches join the running batch
-   (`flora.serve.batch_cache`);
+   prefix-tuning rows' virtual tokens in front), and their keys and values take the next slots of
+   the running batch's cache (`flora.serve.slot_cache`);
 4. one decoding step for all running rows: one forward of ``[rows, 1]`` tokens over the shared
    cache with each row's adapter (the `Routing` is reused while the rows stay the same), then
    every row's next token (`flora.serve.sampling`);
 5. finished rows leave: end of sequence, ``max_tokens``, or the context limit. The rows that stay
-   keep their places where they can (`slot_order`), so that the next routing differs from the last
-   only in the rows that changed.
+   keep their slots where they can (`slot_order`), so that the cache moves only the rows from past
+   the new end and the next routing differs from the last only in the rows that changed.
 
 Each row sees only its own columns of the cache (the attention mask) at its own positions, so its
 tokens are those of `AdapterModel.generate` for that prompt alone, whatever shares the batch.
@@ -42,10 +42,10 @@ from torch import Tensor
 
 from flora.base import CACHE_KEY
 from flora.model import AdapterModel
-from flora.serve.batch_cache import BatchCache, check_regroupable, join, keep
 from flora.serve.metrics import ServerMetrics
 from flora.serve.registry import AdapterRegistry, AdapterVersion
 from flora.serve.sampling import next_tokens
+from flora.serve.slot_cache import SlotCache
 
 logger = logging.getLogger("flora.serve")
 
@@ -142,7 +142,7 @@ class Engine:
         self._stopping = False
         self.waiting: list[EngineRequest] = []
         self.running: list[EngineRequest] = []
-        self._batch: BatchCache | None = None
+        self._cache = SlotCache()
         self._routing = None
         self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), "temperature", "top_p"
         self._tokens: Tensor | None = None  # [rows]: each running row's last token
@@ -208,7 +208,7 @@ class Engine:
                 logger.exception("engine step failed")
                 for request in self.running + self.waiting:
                     self._finish(request, Finished("error", f"the engine failed: {err}"))
-                self.running, self.waiting, self._batch, self._routing, self._rows = [], [], None, None, {}
+                self.running, self.waiting, self._cache, self._routing, self._rows = [], [], SlotCache(), None, {}
         for request in self.running + self.waiting + list(self._inbox):
             self._finish(request, Finished("abort", "the server is shutting down"))
 
@@ -280,14 +280,12 @@ class Engine:
             ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), adapter_names=names,
             use_cache=True, logits_to_keep=1,
         )  # fmt: skip
-        check_regroupable(getattr(output, CACHE_KEY))
         layout = model.virtual_token_layout(model.routing(names))
         shift = torch.zeros(len(requests), dtype=torch.long, device=device)
         if layout is not None:
             virtual_mask, shift = layout
             mask = torch.cat([virtual_mask, mask], dim=1)
-        new = BatchCache(getattr(output, CACHE_KEY), mask)
-        self._batch = join(self._batch, new, model.config)
+        self._cache.admit(getattr(output, CACHE_KEY), mask)
         self.running.extend(requests)
         self._routing = None
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
@@ -306,16 +304,14 @@ class Engine:
 
     def _decode(self) -> None:
         """One token for every running row."""
-        batch = self._batch
-        mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)
+        mask = self._cache.next_step()
         if self._routing is None:
             self._routing = self.model.routing([r.adapter.internal if r.adapter else None for r in self.running])
         with self.model.routed(self._routing):
             output = self.model.base_model(
                 input_ids=self._tokens.unsqueeze(1), attention_mask=mask,
-                position_ids=self._rows["position"].unsqueeze(1), use_cache=True, **{CACHE_KEY: batch.cache},
+                position_ids=self._rows["position"].unsqueeze(1), use_cache=True, **{CACHE_KEY: self._cache},
             )  # fmt: skip
-        batch.mask = mask
         self._rows["position"] = self._rows["position"] + 1
         self._sample(output.logits[:, -1], first_row=0)
 
@@ -354,7 +350,7 @@ class Engine:
         """Only these running rows (ascending) stay, each in its slot where it can (`slot_order`)."""
         rows = slot_order(rows)
         self.running = [self.running[row] for row in rows]
-        self._batch = keep(self._batch, rows, self.model.config)
+        self._cache.keep(rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         self._rows = {key: value.index_select(0, index) for key, value in self._rows.items()}
         self._tokens = self._tokens.index_select(0, index)
@@ -375,8 +371,9 @@ class Engine:
 
 def slot_order(rows: list[int]) -> list[int]:
     """The order of the rows that stay (``rows``, ascending) that keeps each in its slot where it can:
-    a slot whose row left takes a staying row from past the new end. Rows keep their adapter's row of
-    the per-row tables (`flora.methods.lora_group.SlotTables`) from one routing to the next:
+    a slot whose row left takes a staying row from past the new end. Rows keep their slot of the
+    key/value cache (`SlotCache`) and their adapter's row of the per-row tables
+    (`flora.methods.lora_group.SlotTables`) from one routing to the next:
     ``[0, 2, 3, 5]`` of 6 rows -> ``[0, 5, 2, 3]``."""
     staying = set(rows)
     movers = iter(row for row in rows if row >= len(rows))
