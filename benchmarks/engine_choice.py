@@ -5,7 +5,7 @@ Both are continuous batching over transformers' model code. transformers' (`gene
 into one sequence ``[1, tokens]``; per-row adapters would there have to become per-token-segment
 routing (the S-LoRA/Punica form), and prompt and prefix tuning (virtual tokens in front of a
 request, a pre-filled cache) have no place in its inputs. flora's engine (`flora.serve.engine`)
-keeps transformers' `DynamicCache` with one row per request, left-padded, and routes rows.
+keeps one cache slot per request (`flora.serve.slot_cache`) and routes rows.
 
 The same requests, all submitted at once (offline), greedy, a fixed number of new tokens each:
 

@@ -17,10 +17,11 @@ need no padding between them:
   columns past its own are masked.
 
 transformers' `DynamicCache` concatenates every layer's whole cache at each decoding step, and
-regrouping its rows when one joins or leaves copied all of them; here a step writes one column per
-row and a row joining or leaving copies that row. The storage grows (slots in steps of 8, columns
-by half) when a row needs it, and is kept for the next rows. Attention sees the same keys, values
-and mask as before, in another column order: each row's tokens are those of the row alone.
+regrouping its rows when one joined or left copied all of them (about a decoding step's time, at
+almost every step under load: ``docs/serving.md``); here a step writes one column per row and a
+row joining or leaving copies that row. The storage grows (slots in steps of 8, columns by half)
+when a row needs it, and is kept for the next rows. Attention sees the same keys, values and mask
+as before, in another column order: each row's tokens are those of the row alone.
 """
 
 from __future__ import annotations
