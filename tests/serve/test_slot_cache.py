@@ -90,3 +90,18 @@ def test_a_step_takes_one_token_per_row():
     cache.next_step()
     with pytest.raises(ValueError, match="one token per row"):
         cache.layers[0].update(torch.randn(1, HEADS, 2, DIM), torch.randn(1, HEADS, 2, DIM))
+
+
+def test_storage_is_given_back_when_long_rows_leave_and_when_the_batch_empties():
+    cache = SlotCache()
+    prefill, mask, expected = _prefill([200, 5], [0, 0])
+    cache.admit(prefill, mask)
+    assert cache.capacity == 256
+    cache.keep([1])  # the long row leaves: 6 columns needed of 256
+    assert cache.capacity == 128
+    _assert_rows(cache, expected[1:])
+    cache.keep([])
+    assert cache.layers == [] and cache.capacity == 0
+    prefill, mask, expected = _prefill([7], [2])
+    cache.admit(prefill, mask)
+    _assert_rows(cache, expected)

@@ -20,8 +20,10 @@ transformers' `DynamicCache` concatenates every layer's whole cache at each deco
 regrouping its rows when one joined or left copied all of them (about a decoding step's time, at
 almost every step under load: ``docs/serving.md``); here a step writes one column per row and a
 row joining or leaving copies that row. The storage grows (slots in steps of 8, columns by half)
-when a row needs it, and is kept for the next rows. Attention sees the same keys, values and mask
-as before, in another column order: each row's tokens are those of the row alone.
+when a row needs it and is kept for the next rows, except columns four times more than the
+longest row still needs (given back when long rows leave) and all of it when the batch empties.
+Attention sees the same keys, values and mask as before, in another column order: each row's
+tokens are those of the row alone.
 """
 
 from __future__ import annotations
@@ -135,6 +137,12 @@ class SlotCache(Cache):
             self.mask.index_copy_(0, slots, self.mask.index_select(0, sources))
             self.lengths.index_copy_(0, slots, self.lengths.index_select(0, sources))
         self.rows = len(rows)
+        if not rows:
+            self.layers, self.mask, self.lengths = [], None, None  # an idle server holds no cache
+            return
+        needed = _round_up(int(self.lengths[: self.rows].max()) + 1, COLUMN_STEP)
+        if self.capacity >= 4 * needed:  # the long rows left: give their columns back
+            self._resize(self.slots, 2 * needed)
 
     def next_step(self) -> Tensor:
         """Open one column per running row for the next decoding forward; returns its attention mask
@@ -170,29 +178,32 @@ class SlotCache(Cache):
             self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
 
     def _grow(self, slots: int, columns: int) -> None:
-        """At least ``slots`` slots of ``columns`` columns, keeping what the running rows hold."""
-        new_slots = _round_up(max(slots, self.slots), SLOT_STEP)
+        """At least ``slots`` slots of ``columns`` columns."""
         capacity = self.capacity
         if columns > capacity:
             capacity = _round_up(max(columns + 1, capacity + capacity // 2), COLUMN_STEP)
-        old_slots, old_capacity = self.slots, self.capacity
+        self._resize(_round_up(max(slots, self.slots), SLOT_STEP), capacity)
 
-        def grown(table: Tensor) -> Tensor:
-            shape = (new_slots, capacity) if table.dim() == 2 else (new_slots, table.shape[1], capacity, table.shape[3])
-            bigger = table.new_zeros(shape)
-            if table.dim() == 2:
-                bigger[:old_slots, :old_capacity] = table
+    def _resize(self, slots: int, capacity: int) -> None:
+        """``slots`` slots of ``capacity`` columns, keeping what fits of what the rows hold."""
+        kept_slots, kept_columns = min(slots, self.slots), min(capacity, self.capacity)
+
+        def resized(table: Tensor) -> Tensor:
+            if table.dim() == 1:
+                new = table.new_zeros(slots)
+                new[:kept_slots] = table[:kept_slots]
+            elif table.dim() == 2:
+                new = table.new_zeros(slots, capacity)
+                new[:kept_slots, :kept_columns] = table[:kept_slots, :kept_columns]
             else:
-                bigger[:old_slots, :, :old_capacity] = table
-            return bigger
+                new = table.new_zeros(slots, table.shape[1], capacity, table.shape[3])
+                new[:kept_slots, :, :kept_columns] = table[:kept_slots, :, :kept_columns]
+            return new
 
         with torch.inference_mode(False):
             for layer in self.layers:
-                layer.keys, layer.values = grown(layer.keys), grown(layer.values)
-            self.mask = grown(self.mask)
-            lengths = self.lengths.new_zeros(new_slots)
-            lengths[:old_slots] = self.lengths
-            self.lengths = lengths
+                layer.keys, layer.values = resized(layer.keys), resized(layer.values)
+            self.mask, self.lengths = resized(self.mask), resized(self.lengths)
 
 
 def _round_up(value: int, step: int) -> int:
