@@ -200,13 +200,16 @@ class LoraGroup:
         ranks = layout[1]
         names = [name if name in plan.groups else None for name in routing.names]  # None: zeros
         if not torch.is_grad_enabled():
-            like = self._row_factors(members, next(iter(plan.groups)), layout)[0]
-            slots, owner, key = self._slots, object(), (*layout, like.dtype, like.device)
-            read_only = self.banks[0].state.adapters_read_only
+            found: dict[str, tuple[Tensor, list[Tensor]]] = {}  # looked up once per adapter and routing
 
             def factors(name: str) -> tuple[Tensor, list[Tensor]]:
-                return self._row_factors(members, name, layout)
+                if name not in found:
+                    found[name] = self._row_factors(members, name, layout)
+                return found[name]
 
+            like = factors(next(iter(plan.groups)))[0]
+            slots, owner, key = self._slots, object(), (*layout, like.dtype, like.device)
+            read_only = self.banks[0].state.adapters_read_only
             return lambda: slots.tables(owner, key, names, factors, read_only)
         row_factors = [None if name is None else self._row_factors(members, name, layout) for name in names]
         if None in names:
