@@ -202,7 +202,7 @@ def test_a_group_computes_once_per_input_and_again_for_another():
         return [x * 2, x * 3]
 
     first, second = object(), object()
-    run = GroupRun(kernel, {id(first): 0, id(second): 1}, batch=2)
+    run = GroupRun(kernel, {id(first): 0, id(second): 1})
     x = torch.ones(2, 1, 4)
     assert torch.equal(run.delta(first, x), 2 * x) and torch.equal(run.delta(second, x), 3 * x)
     assert len(calls) == 1 and run.input is None  # both read it: nothing is held

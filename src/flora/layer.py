@@ -11,7 +11,9 @@ Each row uses at most one adapter, so every other bank leaves that row as it is.
 alone has rows here, it may fold steps 2-3 into one (`Bank.fused_step`: LoRA adds its update as
 the input term of the base matmul). The steps are compiled once per routing and input shape into
 one closure (strategy chosen, per-row weights gathered) and, without autograd, memoised on the
-routing: a decode step is a dict lookup and the kernels.
+routing: a decode step is a dict lookup and the kernels. A closure whose banks all read the rows'
+adapters when it runs (`Bank.reads_names_when_run`) may serve the next routing of the same shape
+(`flora.routing`).
 """
 
 from __future__ import annotations
@@ -75,10 +77,10 @@ class AdaptedLayer(nn.Module):
             # Under autograd the per-row weights are gathered in every call: activation
             # checkpointing re-runs the forward and must see the same operations again.
             return self._compile(routing, x)(x)
-        key = (id(self), x.shape)
-        run = routing.memo.get(key)
+        key = (id(self), x.shape[1:])  # the batch is the routing's
+        run = routing.layers.get(key)
         if run is None:
-            run = routing.memo[key] = self._compile(routing, x)
+            run = routing.layers[key] = self._compile(routing, x)
         return run(x)
 
     def _compile(self, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -90,6 +92,8 @@ class AdaptedLayer(nn.Module):
         active = routing.memo[key]
         if not active:
             return self.base_layer
+        if not all(bank.reads_names_when_run for bank, _ in active):
+            routing.reusable = False
         inputs = [step for bank, plan in active if (step := bank.input_step(plan, routing)) is not None]
         sample = x
         for step in inputs:

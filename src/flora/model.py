@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.base import load_base
 from flora.io import KEY_PREFIX, read_adapter_dir, split_key, write_adapter_dir
-from flora.kernels.autotune import Autotuner
+from flora.kernels.autotune import Autotuner, token_bucket
 from flora.layer import ADAPTABLE, AdaptedLayer, weight_out_in
 from flora.methods import METHODS, AdapterConfig, Bank, method_for
 from flora.methods.base import ADAPTER_NAME
@@ -67,6 +67,13 @@ class AdapterModel(nn.Module):
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
         self.virtual_tokens = VirtualTokens()
+        # What decides a routing's `Routing.shape`: per adapter, the layers it adapts and its rank in
+        # each (interned: equal kinds share one number), and the layers, banks and LoRA groups there
+        # are (a new token whenever they change).
+        self._kinds: dict[str, int] = {}
+        self._kind_numbers: dict[tuple, int] = {}
+        self._structure: tuple = ()
+        self._structure_token = object()
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
@@ -297,11 +304,49 @@ class AdapterModel(nn.Module):
             return self._routing_in_force(adapter_names)
         return self._routing_in_force(self._routing(adapter_names, batch_size))
 
-    def routing(self, adapter_names: Sequence[str | None]) -> Routing | None:
+    def routing(self, adapter_names: Sequence[str | None], like: Routing | None = None) -> Routing | None:
         """The `Routing` of a batch whose row ``i`` uses ``adapter_names[i]`` (``None`` when no row uses
         an adapter). A caller that runs many forward passes over the same rows (incremental decoding)
-        keeps it and passes it to `routed`: strategies and per-row weights are then worked out once."""
-        return self._routing(adapter_names, len(adapter_names))
+        keeps it and passes it to `routed`: strategies and per-row weights are then worked out once.
+        A caller whose rows then change (a server's batch) passes the last routing as ``like``:
+        what each layer compiled for it serves the new one too when the two have the same shape
+        (`flora.routing`)."""
+        routing = self._routing(adapter_names, len(adapter_names))
+        if routing is not None:
+            routing.shape = self._shape(routing.names)
+            routing.carry_over(like)
+        return routing
+
+    def _shape(self, names: tuple[str | None, ...]) -> tuple | None:
+        """What decides each layer's compiled function for rows ``names`` apart from which adapter each
+        row uses: the layers and banks there are, the strategy setting, mode, dtype and device, and, when every
+        adapter in the batch adapts the same layers with the same ranks, what the autotuner's key
+        reads of the batch (`Bank.choose_strategy`: sizes bucketed, whether one adapter serves every
+        row). ``None`` (nothing carries over) for a batch mixing kinds of adapters."""
+        kinds, adapters, rows = set(), set(), 0
+        for name in names:
+            if name is not None:
+                kinds.add(self._kinds[name])
+                adapters.add(name)
+                rows += 1
+        if len(kinds) != 1:
+            return None
+        whole_batch = len(adapters) == 1 and rows == len(names)
+        sizes = tuple(map(token_bucket, (len(names), len(adapters), rows)))
+        model = (self._structure_token, self.strategy, self.training, self.base_model.dtype, self.device)
+        return (*model, kinds.pop(), sizes, whole_batch)
+
+    def _restructured(self) -> None:
+        """A new structure token when the adapted layers, their banks or the LoRA groups changed."""
+        structure = tuple(
+            (layer, *layer.banks.values(), layer.banks["lora"].group if "lora" in layer.banks else None)
+            for _, layer in self._adapted_layers()
+        )
+        if structure != self._structure:
+            self._structure, self._structure_token = structure, object()
+
+    def _set_kind(self, name: str, kind: tuple) -> None:
+        self._kinds[name] = self._kind_numbers.setdefault(kind, len(self._kind_numbers))
 
     def virtual_token_layout(self, routing: Routing | None) -> tuple[Tensor, Tensor] | None:
         """For incremental decoding outside `generate`: what `forward` puts in front of each row's tokens
@@ -379,15 +424,20 @@ class AdapterModel(nn.Module):
             self._uninstall(name)
             raise
         self._link_groups()
+        method = bank_class.method
+        layers = ((module, self.base_model.get_submodule(module).banks[method]) for module in weights)
+        self._set_kind(name, (method, *sorted((module, bank.rank(name)) for module, bank in layers)))
         for parameter in self.adapter_parameters(name).values():
             parameter.requires_grad_(True)
 
     def _install_virtual(self, name: str, config: PromptLearningConfig, weights: dict[str, Tensor] | None) -> None:
         """Add prompt- or prefix-tuning adapter ``name`` (``weights``: its file's tensors, or ``None``)."""
         self.adapter_configs[name] = self.virtual_tokens.add(name, config, self.base_model, weights, self.tokenizer)
+        self._set_kind(name, (str(config.peft_type),))
 
     def _uninstall(self, name: str) -> None:
         self.adapter_configs.pop(name, None)
+        self._kinds.pop(name, None)
         self.virtual_tokens.remove(name)
         for module, layer in list(self._adapted_layers()):
             for bank in layer.banks.values():
@@ -400,6 +450,7 @@ class AdapterModel(nn.Module):
     def _link_groups(self) -> None:
         """LoRA banks of sibling layers that read the same input compute together (`flora.methods.lora_group`)."""
         link_groups((module, layer.banks["lora"]) for module, layer in self._adapted_layers() if "lora" in layer.banks)
+        self._restructured()
 
     def _wrap(self, module_name: str) -> AdaptedLayer:
         module = self.base_model.get_submodule(module_name)

@@ -5,6 +5,12 @@ publishes it on the `RoutingState` that every adapted layer shares. Layers read 
 the hot path loops over rows in Python more than once per routing, because each bank memoises
 what it derives from the routing (row groups, gathered weights, the chosen strategy) in
 ``Routing.memo`` for as long as the routing lives: the whole of a `generate` call.
+
+A server's batch changes routing whenever a row joins or leaves, while what each layer computes
+usually stays the same: the same banks, ranks and strategy, only other adapters in some rows.
+Each adapted layer's compiled function (``Routing.layers``) may then carry over to the next routing
+(`AdapterModel.routing` with ``like=``): when both routings have the same `shape` and every layer's
+function reads the rows' adapters when it runs rather than when it was compiled (``reusable``).
 """
 
 from __future__ import annotations
@@ -25,11 +31,21 @@ class Routing:
         names: one entry per row, an adapter name or ``None`` for the base model.
         device: where row-index tensors live.
         memo: per-routing cache owned by the banks (keys are chosen by each bank).
+        layers: each adapted layer's compiled function ``x -> out`` without autograd, by
+            ``(id(layer), x.shape[1:])`` (`flora.layer.AdaptedLayer`).
+        shape: what decides every layer's compiled function apart from the rows' adapters (set by
+            `AdapterModel.routing`; ``None``: nothing carries over).
+        reusable: whether every function in ``layers`` reads the rows' adapters when it runs, so
+            that a routing of the same ``shape`` may run them (cleared by a layer or kernel that
+            captures row indices or the names themselves).
     """
 
     names: tuple[str | None, ...]
     device: torch.device
     memo: dict[Any, Any] = field(default_factory=dict)
+    layers: dict[Any, Any] = field(default_factory=dict)
+    shape: Any = None
+    reusable: bool = True
 
     @property
     def batch_size(self) -> int:
@@ -66,6 +82,11 @@ class Routing:
             if name is not None:
                 rows.setdefault(name, []).append(row)
         return rows
+
+    def carry_over(self, previous: Routing | None) -> None:
+        """Take ``previous``'s compiled layers when they fit this routing (see the module docstring)."""
+        if previous is not None and previous.reusable and self.shape is not None and previous.shape == self.shape:
+            self.layers.update(previous.layers)
 
 
 class RoutingState:

@@ -131,6 +131,11 @@ class Bank(nn.Module):
     # Under "auto", the strategy taken without measuring when one adapter serves every row (for
     # LoRA: ``segmented``, then two plain matmuls); ``None`` measures as for any other batch.
     whole_batch_strategy: ClassVar[str | None] = None
+    # Whether this bank's compiled steps read the rows' adapters from the routing in force when they
+    # run (so that they may serve another routing of the same shape, `flora.routing`), rather than
+    # capture row indices when compiled. A bank that says so clears ``Routing.reusable`` itself
+    # for strategies that capture them.
+    reads_names_when_run: ClassVar[bool] = False
 
     def __init__(self, in_features: int, out_features: int, state: RoutingState) -> None:
         super().__init__()

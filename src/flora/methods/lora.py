@@ -67,6 +67,7 @@ class LoraBank(Bank):
     strategies = ("bmm", "loop", "segmented", "stacked")
     whole_batch_strategy = "segmented"
     param_names = ("lora_A.weight", "lora_B.weight")
+    reads_names_when_run = True  # with ``bmm``; `LoraGroup` clears ``Routing.reusable`` for the others
 
     def __init__(self, in_features, out_features, state) -> None:
         super().__init__(in_features, out_features, state)

@@ -30,6 +30,7 @@ checkpointing's recomputation repeats exactly the operations of the forward.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -62,10 +63,9 @@ class GroupRun:
     ``position`` maps each member with rows in this batch to its index in that list. The last input
     and its updates are kept until every member has read them."""
 
-    def __init__(self, kernel: Callable[[Tensor], list[Tensor]], position: dict[int, int], batch: int) -> None:
+    def __init__(self, kernel: Callable[[Tensor], list[Tensor]], position: dict[int, int]) -> None:
         self.kernel = kernel
         self.position = position
-        self.batch = batch
         self.input: Tensor | None = None
         self._deltas: list[Tensor] = []
         self._pending = 0
@@ -75,7 +75,7 @@ class GroupRun:
         handed to each member once: the member owns it (and may add into it in place)."""
         slot = self.position[id(bank)]
         if self.input is not x or self._deltas[slot] is None:
-            self.input, self._deltas = x, self.kernel(x.reshape(self.batch, -1, x.shape[-1]))
+            self.input, self._deltas = x, self.kernel(x.reshape(x.shape[0], -1, x.shape[-1]))  # rows lead
             self._pending = len(self.position)
         delta, self._deltas[slot] = self._deltas[slot], None
         self._pending -= 1
@@ -136,8 +136,10 @@ class LoraGroup:
             )
 
         strategy = lead.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)[0], shape)
+        if strategy != "bmm":  # the others capture row indices
+            routing.reusable = False
         position = {id(bank): i for i, (bank, _) in enumerate(members)}
-        return GroupRun(kernel(strategy), position, routing.batch_size)
+        return GroupRun(kernel(strategy), position)
 
     def _kernel(
         self, strategy: str, members: list[tuple[LoraBank, Plan]], layout: tuple, plan: Plan, routing: Routing
@@ -150,7 +152,7 @@ class LoraGroup:
             return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
         if strategy == "bmm":
             tables = self._row_tables(members, layout, plan, routing)
-            return lambda x: lowrank_bmm(x, *tables())
+            return lambda x: lowrank_bmm(x, *tables(x.shape[0]))
         factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
         columns = {name: (a, _b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
         if strategy == "loop":
@@ -188,29 +190,33 @@ class LoraGroup:
 
     def _row_tables(
         self, members: list[tuple[LoraBank, Plan]], layout: tuple, plan: Plan, routing: Routing
-    ) -> Callable[[], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
-        """For `lowrank_bmm`, a function returning ``a_rows [batch, R, in]``, member ``m`` owning
+    ) -> Callable[[int], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
+        """For `lowrank_bmm`, a function of the batch size returning ``a_rows [batch, R, in]``, member ``m`` owning
         rows ``R_m`` (its largest rank in the batch), and per member ``(start, stop, b_rows [batch,
         R_m, out_m])``: each member's ``B`` is read on its own, not as a block-diagonal table that
         would triple what decoding reads from memory. Rows without one of a member's adapters read
         zeros. Each row's factors (`_row_factors`) go straight into the batch's tables: stacked under
         autograd; without it written into tables kept between routings (`SlotTables`), where a row
         is rewritten only when its adapter differs from the last routing's in that row (or, unless
-        the adapters are read-only, when its factors were worked out again)."""
+        the adapters are read-only, when its factors were worked out again). Those tables are for
+        the routing in force when the kernel runs, read then: the kernel may serve later routings of
+        the same shape (`flora.routing`)."""
         ranks = layout[1]
-        names = [name if name in plan.groups else None for name in routing.names]  # None: zeros
         if not torch.is_grad_enabled():
-            found: dict[str, tuple[Tensor, list[Tensor]]] = {}  # looked up once per adapter and routing
+            state, slots, held = self.banks[0].state, self._slots, [bank.lora_A for bank, _ in members]
+            like = self._row_factors(members, next(iter(plan.groups)), layout)[0]
+            key = (*layout, like.dtype, like.device)
+
+            def row_names(routing: Routing) -> list[str | None]:  # None: zeros
+                return [name if name is not None and any(name in h for h in held) else None for name in routing.names]
 
             def factors(name: str) -> tuple[Tensor, list[Tensor]]:
-                if name not in found:
-                    found[name] = self._row_factors(members, name, layout)
-                return found[name]
+                return self._row_factors(members, name, layout)
 
-            like = factors(next(iter(plan.groups)))[0]
-            slots, owner, key = self._slots, object(), (*layout, like.dtype, like.device)
-            read_only = self.banks[0].state.adapters_read_only
-            return lambda: slots.tables(owner, key, names, factors, read_only)
+            return lambda batch: slots.tables(
+                state.current.expanded(batch), key, row_names, factors, state.adapters_read_only
+            )
+        names = [name if name in plan.groups else None for name in routing.names]  # None: zeros
         row_factors = [None if name is None else self._row_factors(members, name, layout) for name in names]
         if None in names:
             like = next(f for f in row_factors if f is not None)
@@ -218,7 +224,7 @@ class LoraGroup:
             row_factors = [zeros if f is None else f for f in row_factors]
         b_tables = [torch.stack([b[m] for _, b in row_factors]) for m in range(len(ranks))]
         tables = (torch.stack([a for a, _ in row_factors]), _b_tables(b_tables, ranks))
-        return lambda: tables
+        return lambda batch: tables
 
     def _row_factors(
         self, members: list[tuple[LoraBank, Plan]], name: str, layout: tuple[tuple[int, ...], tuple[int, ...]]
@@ -270,12 +276,14 @@ class SlotTables:
         self.names = [_UNWRITTEN if kept == name else kept for kept in self.names]
 
     def tables(
-        self, owner: object, layout: tuple, names: list[str | None], factors: Callable, read_only: bool
+        self, routing: Routing, layout: tuple, row_names: Callable, factors: Callable, read_only: bool
     ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
-        """The views for rows ``names`` (per row an adapter, or ``None`` for zeros); ``factors(name)``
-        gives an adapter's row factors (`LoraGroup._row_factors`)."""
-        if self.owner is owner:
+        """The views for ``routing``'s rows: ``row_names(routing)`` gives per row an adapter, or
+        ``None`` for zeros; ``factors(name)`` an adapter's row factors (`LoraGroup._row_factors`),
+        looked up once per adapter here."""
+        if self.owner is routing:
             return self.views
+        names, factors = row_names(routing), functools.cache(factors)
         n = len(names)
         if self.layout != layout or self.a.shape[0] < n:
             like = factors(next(name for name in names if name is not None))
@@ -302,7 +310,7 @@ class SlotTables:
             self.names[r] = name
         if self.views is None or self.views[0].shape[0] != n:
             self.views = (self.a[:n], _b_tables([b[:n] for b in self.bs], layout[1]))
-        self.owner = owner
+        self.owner = routing
         return self.views
 
 

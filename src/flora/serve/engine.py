@@ -12,8 +12,9 @@ Every iteration of the engine's loop, between two decoding steps:
    prefix-tuning rows' virtual tokens in front), and their keys and values take the next slots of
    the running batch's cache (`flora.serve.slot_cache`);
 4. one decoding step for all running rows: one forward of ``[rows, 1]`` tokens over the shared
-   cache with each row's adapter (the `Routing` is reused while the rows stay the same), then
-   every row's next token (`flora.serve.sampling`);
+   cache with each row's adapter (the `Routing` is reused while the rows stay the same; the next
+   one, made ``like`` it, runs the layers it compiled where the batch keeps its shape:
+   `flora.routing`), then every row's next token (`flora.serve.sampling`);
 5. finished rows leave: end of sequence, ``max_tokens``, or the context limit. The rows that stay
    keep their slots where they can (`slot_order`), so that the cache moves only the rows from past
    the new end and the next routing differs from the last only in the rows that changed.
@@ -143,7 +144,8 @@ class Engine:
         self.waiting: list[EngineRequest] = []
         self.running: list[EngineRequest] = []
         self._cache = SlotCache()
-        self._routing = None
+        self._routing = None  # the running rows' routing; None: to be made (from the last one, `_decode`)
+        self._last_routing = None
         self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), "temperature", "top_p"
         self._tokens: Tensor | None = None  # [rows]: each running row's last token
 
@@ -208,7 +210,8 @@ class Engine:
                 logger.exception("engine step failed")
                 for request in self.running + self.waiting:
                     self._finish(request, Finished("error", f"the engine failed: {err}"))
-                self.running, self.waiting, self._cache, self._routing, self._rows = [], [], SlotCache(), None, {}
+                self.running, self.waiting, self._cache, self._rows = [], [], SlotCache(), {}
+                self._routing = self._last_routing = None
         for request in self.running + self.waiting + list(self._inbox):
             self._finish(request, Finished("abort", "the server is shutting down"))
 
@@ -305,8 +308,9 @@ class Engine:
     def _decode(self) -> None:
         """One token for every running row."""
         mask = self._cache.next_step()
-        if self._routing is None:
-            self._routing = self.model.routing([r.adapter.internal if r.adapter else None for r in self.running])
+        if self._routing is None:  # what the last routing's layers compiled carries over where it can
+            names = [r.adapter.internal if r.adapter else None for r in self.running]
+            self._routing = self._last_routing = self.model.routing(names, like=self._last_routing)
         with self.model.routed(self._routing):
             output = self.model.base_model(
                 input_ids=self._tokens.unsqueeze(1), attention_mask=mask,
