@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from flora.methods.base import Bank
-from flora.routing import Routing, RoutingState
+from flora.routing import Routing, RoutingState, carried_key
 
 ADAPTABLE = (nn.Linear, Conv1D)
 
@@ -80,7 +80,8 @@ class AdaptedLayer(nn.Module):
         key = (id(self), x.shape[1:])  # the batch is the routing's
         run = routing.layers.get(key)
         if run is None:
-            run = routing.layers[key] = self._compile(routing, x)
+            run = routing.carried.get(carried_key(key)) if routing.carried else None
+            run = routing.layers[key] = self._compile(routing, x) if run is None else run
         return run(x)
 
     def _compile(self, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:

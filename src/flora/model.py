@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -36,6 +37,8 @@ from flora.virtual_tokens import VIRTUAL_METHODS, VirtualTokens, virtual_config_
 
 BASE_NAME = "__base__"
 STRATEGIES = ("auto", "bmm", "loop", "segmented", "stacked", "flora")
+
+CARRIED_SHAPES = 32  # routing shapes whose compiled layers `AdapterModel.routing` keeps to carry over
 
 
 class AdapterModel(nn.Module):
@@ -74,6 +77,7 @@ class AdapterModel(nn.Module):
         self._kind_numbers: dict[tuple, int] = {}
         self._structure: tuple = ()
         self._structure_token = object()
+        self._carriers: OrderedDict[tuple, Routing] = OrderedDict()  # shape -> its last routing (`routing`)
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
@@ -157,8 +161,9 @@ class AdapterModel(nn.Module):
         config_class, bank_class = method_for(data["peft_type"], source)
         config = config_class.from_peft_dict(data, source)
         weights: dict[str, dict[str, Tensor]] = {}
+        tensor_file = str(Path(path) / "adapter_model.safetensors")
         for key, tensor in tensors.items():
-            module, param = split_key(key, bank_class.param_names, str(Path(path) / "adapter_model.safetensors"))
+            module, param = split_key(key, bank_class.param_names, tensor_file)
             weights.setdefault(module, {})[param] = tensor
         known = dict(self._adaptable_modules())
         for module, params in weights.items():
@@ -304,17 +309,21 @@ class AdapterModel(nn.Module):
             return self._routing_in_force(adapter_names)
         return self._routing_in_force(self._routing(adapter_names, batch_size))
 
-    def routing(self, adapter_names: Sequence[str | None], like: Routing | None = None) -> Routing | None:
+    def routing(self, adapter_names: Sequence[str | None], carry: bool = False) -> Routing | None:
         """The `Routing` of a batch whose row ``i`` uses ``adapter_names[i]`` (``None`` when no row uses
         an adapter). A caller that runs many forward passes over the same rows (incremental decoding)
         keeps it and passes it to `routed`: strategies and per-row weights are then worked out once.
-        A caller whose rows then change (a server's batch) passes the last routing as ``like``:
-        what each layer compiled for it serves the new one too when the two have the same shape
-        (`flora.routing`)."""
+        A caller whose rows keep changing (a server) asks to ``carry``: what the layers compiled for
+        the last routing of the same shape (`_shape`) serves this one too where it reads the rows'
+        adapters when it runs (`flora.routing`). The last routing of each of the 32 shapes seen last
+        is kept for that."""
         routing = self._routing(adapter_names, len(adapter_names))
-        if routing is not None:
-            routing.shape = self._shape(routing.names)
-            routing.carry_over(like)
+        if routing is not None and carry and (shape := self._shape(routing.names)) is not None:
+            routing.shape = shape
+            routing.carry_over(self._carriers.pop(shape, None))
+            self._carriers[shape] = routing
+            if len(self._carriers) > CARRIED_SHAPES:
+                self._carriers.popitem(last=False)
         return routing
 
     def _shape(self, names: tuple[str | None, ...]) -> tuple | None:
@@ -336,14 +345,15 @@ class AdapterModel(nn.Module):
         model = (self._structure_token, self.strategy, self.training, self.base_model.dtype, self.device)
         return (*model, kinds.pop(), sizes, whole_batch)
 
-    def _restructured(self) -> None:
+    def _restructured(self, layers: list[tuple[str, AdaptedLayer]]) -> None:
         """A new structure token when the adapted layers, their banks or the LoRA groups changed."""
         structure = tuple(
             (layer, *layer.banks.values(), layer.banks["lora"].group if "lora" in layer.banks else None)
-            for _, layer in self._adapted_layers()
+            for _, layer in layers
         )
         if structure != self._structure:
             self._structure, self._structure_token = structure, object()
+            self._carriers.clear()
 
     def _set_kind(self, name: str, kind: tuple) -> None:
         self._kinds[name] = self._kind_numbers.setdefault(kind, len(self._kind_numbers))
@@ -415,20 +425,21 @@ class AdapterModel(nn.Module):
         """Add ``name`` to the layers in ``weights``; on any error, undo every layer already done."""
         bank_class = METHODS[config.peft_type][1]
         self.adapter_configs[name] = config
+        banks = {}
         try:
             for module in weights:
                 layer = self._wrap(module)
                 like = layer.base_layer.weight
-                layer.bank(bank_class).add(name, config, module, weights[module], like)
+                banks[module] = layer.bank(bank_class)
+                banks[module].add(name, config, module, weights[module], like)
         except BaseException:
             self._uninstall(name)
             raise
         self._link_groups()
-        method = bank_class.method
-        layers = ((module, self.base_model.get_submodule(module).banks[method]) for module in weights)
-        self._set_kind(name, (method, *sorted((module, bank.rank(name)) for module, bank in layers)))
-        for parameter in self.adapter_parameters(name).values():
-            parameter.requires_grad_(True)
+        self._set_kind(name, (bank_class.method, *sorted((module, bank.rank(name)) for module, bank in banks.items())))
+        for bank in banks.values():
+            for parameter in bank.adapter_state(name).values():
+                parameter.requires_grad_(True)
 
     def _install_virtual(self, name: str, config: PromptLearningConfig, weights: dict[str, Tensor] | None) -> None:
         """Add prompt- or prefix-tuning adapter ``name`` (``weights``: its file's tensors, or ``None``)."""
@@ -449,8 +460,9 @@ class AdapterModel(nn.Module):
 
     def _link_groups(self) -> None:
         """LoRA banks of sibling layers that read the same input compute together (`flora.methods.lora_group`)."""
-        link_groups((module, layer.banks["lora"]) for module, layer in self._adapted_layers() if "lora" in layer.banks)
-        self._restructured()
+        layers = list(self._adapted_layers())
+        link_groups((module, layer.banks["lora"]) for module, layer in layers if "lora" in layer.banks)
+        self._restructured(layers)
 
     def _wrap(self, module_name: str) -> AdaptedLayer:
         module = self.base_model.get_submodule(module_name)

@@ -6,11 +6,13 @@ the hot path loops over rows in Python more than once per routing, because each 
 what it derives from the routing (row groups, gathered weights, the chosen strategy) in
 ``Routing.memo`` for as long as the routing lives: the whole of a `generate` call.
 
-A server's batch changes routing whenever a row joins or leaves, while what each layer computes
-usually stays the same: the same banks, ranks and strategy, only other adapters in some rows.
-Each adapted layer's compiled function (``Routing.layers``) may then carry over to the next routing
-(`AdapterModel.routing` with ``like=``): when both routings have the same `shape` and every layer's
-function reads the rows' adapters when it runs rather than when it was compiled (``reusable``).
+A server's batch changes routing whenever a row joins or leaves, and each prefill has one of its
+own, while what each layer computes usually stays the same: the same banks, ranks and strategy,
+only other adapters in some rows. Each adapted layer's compiled function (``Routing.layers``) then
+carries over from the last routing of the same `shape` (`AdapterModel.routing` with
+``carry=True``) when every layer's function reads the rows' adapters when it runs rather than when
+it was compiled (``reusable``); it serves inputs whose token count falls in the same power-of-two
+bucket (the autotuner's, `flora.kernels.autotune.token_bucket`), since that is all it depends on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from flora.kernels.autotune import token_bucket
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Routing:
         memo: per-routing cache owned by the banks (keys are chosen by each bank).
         layers: each adapted layer's compiled function ``x -> out`` without autograd, by
             ``(id(layer), x.shape[1:])`` (`flora.layer.AdaptedLayer`).
+        carried: compiled functions taken over from an earlier routing of the same shape, by
+            `carried_key`.
         shape: what decides every layer's compiled function apart from the rows' adapters (set by
             `AdapterModel.routing`; ``None``: nothing carries over).
         reusable: whether every function in ``layers`` reads the rows' adapters when it runs, so
@@ -44,6 +50,7 @@ class Routing:
     device: torch.device
     memo: dict[Any, Any] = field(default_factory=dict)
     layers: dict[Any, Any] = field(default_factory=dict)
+    carried: dict[Any, Any] = field(default_factory=dict)
     shape: Any = None
     reusable: bool = True
 
@@ -84,9 +91,17 @@ class Routing:
         return rows
 
     def carry_over(self, previous: Routing | None) -> None:
-        """Take ``previous``'s compiled layers when they fit this routing (see the module docstring)."""
+        """Take ``previous``'s compiled layers (its own and those it took) when they fit this routing
+        (see the module docstring)."""
         if previous is not None and previous.reusable and self.shape is not None and previous.shape == self.shape:
-            self.layers.update(previous.layers)
+            self.carried = previous.carried | {carried_key(key): run for key, run in previous.layers.items()}
+
+
+def carried_key(key: tuple[int, tuple[int, ...]]) -> tuple:
+    """``(id(layer), x.shape[1:])`` -> the same with the token count bucketed: ``[tokens, in]`` inputs
+    of 5 to 8 tokens share one key."""
+    layer, shape = key
+    return (layer, token_bucket(shape[0]), *shape[1:]) if len(shape) > 1 else key
 
 
 class RoutingState:

@@ -90,12 +90,13 @@ class LoraGroup:
     def __init__(self, banks: list[LoraBank]) -> None:
         self.banks = banks
         self._factors: dict[str, tuple] = {}  # adapter -> (layout, parameters, their versions, factors): `_row_factors`
-        self._slots = SlotTables()
+        self._slots = (SlotTables(), SlotTables())  # for decoding steps (one token per row), for prompts
 
     def forget(self, name: str) -> None:
         """Drop adapter ``name``'s kept row factors (see `_row_factors`) and its rows of the kept tables."""
         self._factors.pop(name, None)
-        self._slots.forget(name)
+        for slots in self._slots:
+            slots.forget(name)
 
     def computes_together(self, routing: Routing) -> bool:
         """Whether the members share one computation: not while one trains with dropout (whose mask
@@ -136,8 +137,8 @@ class LoraGroup:
             )
 
         strategy = lead.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)[0], shape)
-        if strategy != "bmm":  # the others capture row indices
-            routing.reusable = False
+        if strategy != "bmm" and not (strategy == "segmented" and _whole_batch(plan, routing)):
+            routing.reusable = False  # the others capture row indices
         position = {id(bank): i for i, (bank, _) in enumerate(members)}
         return GroupRun(kernel(strategy), position)
 
@@ -152,7 +153,9 @@ class LoraGroup:
             return lambda x: lowrank_stacked(x, a_stack, row_mask, b_stacks)
         if strategy == "bmm":
             tables = self._row_tables(members, layout, plan, routing)
-            return lambda x: lowrank_bmm(x, *tables(x.shape[0]))
+            return lambda x: lowrank_bmm(x, *tables(x))
+        if strategy == "segmented" and _whole_batch(plan, routing):
+            return self._whole_batch_kernel(members, layout)
         factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
         columns = {name: (a, _b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
         if strategy == "loop":
@@ -165,6 +168,23 @@ class LoraGroup:
             first += len(rows)
         order_t = None if order == list(range(routing.batch_size)) else torch.tensor(order, device=routing.device)
         return lambda x: lowrank_segmented(x, order_t, segments)
+
+    def _whole_batch_kernel(
+        self, members: list[tuple[LoraBank, Plan]], layout: tuple
+    ) -> Callable[[Tensor], list[Tensor]]:
+        """`lowrank_segmented` when one adapter serves every row (plain matmuls), that adapter read
+        from the routing in force when the kernel runs: it may serve later routings of the same
+        shape (`flora.routing`)."""
+        state, kept = self.banks[0].state, [None, []]  # the routing last run, its one segment
+
+        def run(x: Tensor) -> list[Tensor]:
+            routing = state.current
+            if kept[0] is not routing:
+                a, b_parts = self._row_factors(members, routing.names[0], layout)
+                kept[:] = [routing, [(0, x.shape[0], a, _b_tables(b_parts, layout[1]))]]
+            return lowrank_segmented(x, None, kept[1])
+
+        return run
 
     @staticmethod
     def _stacks(
@@ -190,31 +210,32 @@ class LoraGroup:
 
     def _row_tables(
         self, members: list[tuple[LoraBank, Plan]], layout: tuple, plan: Plan, routing: Routing
-    ) -> Callable[[int], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
-        """For `lowrank_bmm`, a function of the batch size returning ``a_rows [batch, R, in]``, member ``m`` owning
+    ) -> Callable[[Tensor], tuple[Tensor, list[tuple[int, int, Tensor]]]]:
+        """For `lowrank_bmm`, a function of the input returning ``a_rows [batch, R, in]``, member ``m`` owning
         rows ``R_m`` (its largest rank in the batch), and per member ``(start, stop, b_rows [batch,
         R_m, out_m])``: each member's ``B`` is read on its own, not as a block-diagonal table that
         would triple what decoding reads from memory. Rows without one of a member's adapters read
         zeros. Each row's factors (`_row_factors`) go straight into the batch's tables: stacked under
         autograd; without it written into tables kept between routings (`SlotTables`), where a row
         is rewritten only when its adapter differs from the last routing's in that row (or, unless
-        the adapters are read-only, when its factors were worked out again). Those tables are for
-        the routing in force when the kernel runs, read then: the kernel may serve later routings of
-        the same shape (`flora.routing`)."""
+        the adapters are read-only, when its factors were worked out again). Decoding steps and
+        prompts keep tables of their own, so that a server's prefills do not overwrite the rows of
+        its running batch. Those tables are for the routing in force when the kernel runs, read
+        then: the kernel may serve later routings of the same shape (`flora.routing`)."""
         ranks = layout[1]
         if not torch.is_grad_enabled():
-            state, slots, held = self.banks[0].state, self._slots, [bank.lora_A for bank, _ in members]
+            state, (steps, prompts), held = self.banks[0].state, self._slots, [bank.lora_A for bank, _ in members]
             like = self._row_factors(members, next(iter(plan.groups)), layout)[0]
             key = (*layout, like.dtype, like.device)
 
-            def row_names(routing: Routing) -> list[str | None]:  # None: zeros
-                return [name if name is not None and any(name in h for h in held) else None for name in routing.names]
+            def holds(name: str) -> bool:  # rows of other adapters read zeros
+                return any(name in h for h in held)
 
             def factors(name: str) -> tuple[Tensor, list[Tensor]]:
                 return self._row_factors(members, name, layout)
 
-            return lambda batch: slots.tables(
-                state.current.expanded(batch), key, row_names, factors, state.adapters_read_only
+            return lambda x: (steps if x.shape[1] == 1 else prompts).tables(
+                state.current.expanded(x.shape[0]), key, holds, factors, state.adapters_read_only
             )
         names = [name if name in plan.groups else None for name in routing.names]  # None: zeros
         row_factors = [None if name is None else self._row_factors(members, name, layout) for name in names]
@@ -224,7 +245,7 @@ class LoraGroup:
             row_factors = [zeros if f is None else f for f in row_factors]
         b_tables = [torch.stack([b[m] for _, b in row_factors]) for m in range(len(ranks))]
         tables = (torch.stack([a for a, _ in row_factors]), _b_tables(b_tables, ranks))
-        return lambda batch: tables
+        return lambda x: tables
 
     def _row_factors(
         self, members: list[tuple[LoraBank, Plan]], name: str, layout: tuple[tuple[int, ...], tuple[int, ...]]
@@ -266,8 +287,8 @@ class SlotTables:
         self.layout: tuple | None = None
         self.a: Tensor | None = None  # [slots, R, in]
         self.bs: list[Tensor] = []  # per member [slots, R_m, out_m]
-        self.names: list[object] = []  # per slot: the adapter written there (None: zeros)
-        self.written: list[object] = []  # per slot: the factors written there
+        self.names: list[object] = []  # per slot: the row's adapter when written (or None)
+        self.written: list[object] = []  # per slot: the factors written there (None: zeros)
         self.owner: object | None = None
         self.views: tuple[Tensor, list[tuple[int, int, Tensor]]] | None = None
 
@@ -276,17 +297,16 @@ class SlotTables:
         self.names = [_UNWRITTEN if kept == name else kept for kept in self.names]
 
     def tables(
-        self, routing: Routing, layout: tuple, row_names: Callable, factors: Callable, read_only: bool
+        self, routing: Routing, layout: tuple, holds: Callable, factors: Callable, read_only: bool
     ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
-        """The views for ``routing``'s rows: ``row_names(routing)`` gives per row an adapter, or
-        ``None`` for zeros; ``factors(name)`` an adapter's row factors (`LoraGroup._row_factors`),
-        looked up once per adapter here."""
+        """The views for ``routing``'s rows: a row reads its adapter's factors where ``holds(name)``
+        (``factors(name)``: `LoraGroup._row_factors`, looked up once per adapter here), else zeros."""
         if self.owner is routing:
             return self.views
-        names, factors = row_names(routing), functools.cache(factors)
+        names, factors = routing.names, functools.cache(factors)
         n = len(names)
         if self.layout != layout or self.a.shape[0] < n:
-            like = factors(next(name for name in names if name is not None))
+            like = factors(next(name for name in names if name is not None and holds(name)))
             slots = -(-n // 8) * 8
             with torch.inference_mode(False):  # writable later in and out of inference mode
                 self.a = like[0].new_empty(slots, *like[0].shape)
@@ -295,9 +315,9 @@ class SlotTables:
             self.layout, self.views = layout, None
         for r, name in enumerate(names):
             if name == self.names[r]:
-                if read_only or name is None or factors(name) is self.written[r]:
+                if read_only or self.written[r] is None or factors(name) is self.written[r]:
                     continue
-            if name is None:
+            if name is None or not holds(name):
                 self.a[r].zero_()
                 for b in self.bs:
                     b[r].zero_()
@@ -315,6 +335,11 @@ class SlotTables:
 
 
 _UNWRITTEN = object()
+
+
+def _whole_batch(plan: Plan, routing: Routing) -> bool:
+    """Whether one adapter serves every row."""
+    return len(plan.groups) == 1 and len(next(iter(plan.groups.values()))) == routing.batch_size
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:

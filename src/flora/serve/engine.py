@@ -12,9 +12,9 @@ Every iteration of the engine's loop, between two decoding steps:
    prefix-tuning rows' virtual tokens in front), and their keys and values take the next slots of
    the running batch's cache (`flora.serve.slot_cache`);
 4. one decoding step for all running rows: one forward of ``[rows, 1]`` tokens over the shared
-   cache with each row's adapter (the `Routing` is reused while the rows stay the same; the next
-   one, made ``like`` it, runs the layers it compiled where the batch keeps its shape:
-   `flora.routing`), then every row's next token (`flora.serve.sampling`);
+   cache with each row's adapter (the `Routing` is reused while the rows stay the same), then
+   every row's next token (`flora.serve.sampling`). Every routing, prefill's too, is made to
+   ``carry`` what the layers compiled for the last one of its shape (`flora.routing`);
 5. finished rows leave: end of sequence, ``max_tokens``, or the context limit. The rows that stay
    keep their slots where they can (`slot_order`), so that the cache moves only the rows from past
    the new end and the next routing differs from the last only in the rows that changed.
@@ -144,8 +144,7 @@ class Engine:
         self.waiting: list[EngineRequest] = []
         self.running: list[EngineRequest] = []
         self._cache = SlotCache()
-        self._routing = None  # the running rows' routing; None: to be made (from the last one, `_decode`)
-        self._last_routing = None
+        self._routing = None  # the running rows' routing; None: to be made (`_decode`)
         self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), "temperature", "top_p"
         self._tokens: Tensor | None = None  # [rows]: each running row's last token
 
@@ -210,8 +209,7 @@ class Engine:
                 logger.exception("engine step failed")
                 for request in self.running + self.waiting:
                     self._finish(request, Finished("error", f"the engine failed: {err}"))
-                self.running, self.waiting, self._cache, self._rows = [], [], SlotCache(), {}
-                self._routing = self._last_routing = None
+                self.running, self.waiting, self._cache, self._routing, self._rows = [], [], SlotCache(), None, {}
         for request in self.running + self.waiting + list(self._inbox):
             self._finish(request, Finished("abort", "the server is shutting down"))
 
@@ -279,11 +277,12 @@ class Engine:
             mask[row, width - len(request.prompt_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         names = [r.adapter.internal if r.adapter else None for r in requests]
+        routing = model.routing(names, carry=True)
         output = model(
-            ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), adapter_names=names,
-            use_cache=True, logits_to_keep=1,
+            ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            adapter_names=names if routing is None else routing, use_cache=True, logits_to_keep=1,
         )  # fmt: skip
-        layout = model.virtual_token_layout(model.routing(names))
+        layout = model.virtual_token_layout(routing)
         shift = torch.zeros(len(requests), dtype=torch.long, device=device)
         if layout is not None:
             virtual_mask, shift = layout
@@ -308,9 +307,9 @@ class Engine:
     def _decode(self) -> None:
         """One token for every running row."""
         mask = self._cache.next_step()
-        if self._routing is None:  # what the last routing's layers compiled carries over where it can
+        if self._routing is None:
             names = [r.adapter.internal if r.adapter else None for r in self.running]
-            self._routing = self._last_routing = self.model.routing(names, like=self._last_routing)
+            self._routing = self.model.routing(names, carry=True)
         with self.model.routed(self._routing):
             output = self.model.base_model(
                 input_ids=self._tokens.unsqueeze(1), attention_mask=mask,
