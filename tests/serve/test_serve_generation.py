@@ -3,12 +3,13 @@ gets what `AdapterModel.generate` gives its prompt alone with its adapter."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
 import httpx
 
-from flora.serve.engine import slot_order
+from flora.serve.engine import FORWARD_COST_TOKENS, EngineRequest, SamplingParams, prefill_groups, slot_order
 from serve.support import ADAPTERS
 
 MODELS = [*ADAPTERS, "tiny"]  # every adapter kind, and the base model
@@ -133,3 +134,32 @@ def test_rows_that_stay_keep_their_slots():
     assert slot_order([1, 2]) == [2, 1]
     assert slot_order([3, 4, 5]) == [3, 4, 5]
     assert slot_order([0, 1, 2]) == [0, 1, 2] and slot_order([]) == []
+
+
+def _requests(lengths: list[int]) -> list[EngineRequest]:
+    params = SamplingParams(max_tokens=1)
+    return [EngineRequest(str(i), [0] * n, params, None, lambda event: None) for i, n in enumerate(lengths)]
+
+
+def _lengths(groups: list[list[EngineRequest]]) -> list[list[int]]:
+    return [[len(r.prompt_ids) for r in group] for group in groups]
+
+
+def _cost(groups: list[list[int]]) -> int:
+    """A split's prefill cost: per forward, `FORWARD_COST_TOKENS` plus its longest prompt per row."""
+    return sum(FORWARD_COST_TOKENS + max(group) * len(group) for group in groups)
+
+
+def test_prefill_groups_prompts_of_similar_length():
+    assert _lengths(prefill_groups(_requests([128, 16, 120, 20]))) == [[16, 20], [120, 128]]
+    assert _lengths(prefill_groups(_requests([64, 60, 70]))) == [[60, 64, 70]]  # padding cheaper than a forward
+    assert _lengths(prefill_groups(_requests([5]))) == [[5]] and prefill_groups([]) == []
+    requests = _requests([3, 90, 17, 41, 128, 66, 8, 100, 45, 12])
+    groups = prefill_groups(requests)
+    assert sorted(map(id, (r for group in groups for r in group))) == sorted(map(id, requests))
+    lengths = sorted(len(r.prompt_ids) for r in requests)
+    splits = []  # every split of the sorted lengths into consecutive groups
+    for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+        bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), len(lengths)]
+        splits.append([lengths[a:b] for a, b in itertools.pairwise(bounds)])
+    assert _cost(_lengths(groups)) == min(map(_cost, splits))
