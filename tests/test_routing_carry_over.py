@@ -92,6 +92,10 @@ def test_strategies_that_capture_rows_carry_nothing_over(strategy):
     _logits(model, first, _ids(5, 1))
     assert not first.reusable
     assert not model.routing(SECOND, carry=True).carried
+    first = model.routing(FIRST, carry=True)
+    _logits(model, first, _ids(5, 1))
+    model.routing(["a0", "a1", "a2", "a3", "a4"], carry=True)  # another shape
+    assert all(kept is not first for kept in model._carriers.values())  # its row indices and tensors let go
 
 
 def test_another_shape_or_kind_of_adapter_or_changed_layers_carry_nothing_over():

@@ -319,6 +319,8 @@ class AdapterModel(nn.Module):
         is kept for that."""
         routing = self._routing(adapter_names, len(adapter_names))
         if routing is not None and carry and (shape := self._shape(routing.names)) is not None:
+            for kept in [key for key, last in self._carriers.items() if not last.reusable]:
+                del self._carriers[kept]  # what they compiled holds row indices and tensors of their own
             routing.shape = shape
             routing.carry_over(self._carriers.pop(shape, None))
             self._carriers[shape] = routing
