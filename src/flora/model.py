@@ -330,10 +330,11 @@ class AdapterModel(nn.Module):
 
     def _shape(self, names: tuple[str | None, ...]) -> tuple | None:
         """What decides each layer's compiled function for rows ``names`` apart from which adapter each
-        row uses: the layers and banks there are, the strategy setting, mode, dtype and device, and, when every
-        adapter in the batch adapts the same layers with the same ranks, what the autotuner's key
-        reads of the batch (`Bank.choose_strategy`: sizes bucketed, whether one adapter serves every
-        row). ``None`` (nothing carries over) for a batch mixing kinds of adapters."""
+        row uses: the layers and banks there are, the strategy setting, mode, dtype and device, and,
+        when every adapter in the batch adapts the same layers with the same ranks, what the
+        autotuner's key reads of the batch (`Bank.choose_strategy`: sizes bucketed, whether one
+        adapter serves every row). ``None`` (nothing carries over) for a batch mixing kinds of
+        adapters."""
         kinds, adapters, rows = set(), set(), 0
         for name in names:
             if name is not None:

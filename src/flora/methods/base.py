@@ -107,6 +107,10 @@ class Plan:
     groups: dict[str, list[int]]  # adapter -> rows, in first-seen order
     device: torch.device
 
+    def one_adapter_for_all(self, batch_size: int) -> bool:
+        """Whether one adapter serves every one of ``batch_size`` rows."""
+        return len(self.groups) == 1 and len(next(iter(self.groups.values()))) == batch_size
+
     @functools.cached_property
     def rows(self) -> dict[str, Tensor]:
         """The same rows as index tensors."""
@@ -213,7 +217,7 @@ class Bank(nn.Module):
             return wanted
         if wanted != "auto" or len(self.strategies) == 1:
             return self.strategies[0]
-        if self.whole_batch_strategy and len(plan.groups) == 1 and len(next(iter(plan.groups.values()))) == x.shape[0]:
+        if self.whole_batch_strategy and plan.one_adapter_for_all(x.shape[0]):
             return self.whole_batch_strategy
         if shape is None:
             shape = (self.in_features, self.out_features, max(self.rank(n) for n in plan.groups))

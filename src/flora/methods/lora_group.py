@@ -137,7 +137,7 @@ class LoraGroup:
             )
 
         strategy = lead.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)[0], shape)
-        if strategy != "bmm" and not (strategy == "segmented" and _whole_batch(plan, routing)):
+        if strategy != "bmm" and not (strategy == "segmented" and plan.one_adapter_for_all(routing.batch_size)):
             routing.reusable = False  # the others capture row indices
         position = {id(bank): i for i, (bank, _) in enumerate(members)}
         return GroupRun(kernel(strategy), position)
@@ -154,7 +154,7 @@ class LoraGroup:
         if strategy == "bmm":
             tables = self._row_tables(members, layout, plan, routing)
             return lambda x: lowrank_bmm(x, *tables(x))
-        if strategy == "segmented" and _whole_batch(plan, routing):
+        if strategy == "segmented" and plan.one_adapter_for_all(routing.batch_size):
             return self._whole_batch_kernel(members, layout)
         factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
         columns = {name: (a, _b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
@@ -335,11 +335,6 @@ class SlotTables:
 
 
 _UNWRITTEN = object()
-
-
-def _whole_batch(plan: Plan, routing: Routing) -> bool:
-    """Whether one adapter serves every row."""
-    return len(plan.groups) == 1 and len(next(iter(plan.groups.values()))) == routing.batch_size
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:
