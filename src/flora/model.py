@@ -78,6 +78,11 @@ class AdapterModel(nn.Module):
         self._structure: tuple = ()
         self._structure_token = object()
         self._carriers: OrderedDict[tuple, Routing] = OrderedDict()  # shape -> its last routing (`routing`)
+        # Every Linear/Conv1D of the base model by name, in module order: the layer, or the `AdaptedLayer`
+        # wrapping it. Found by one walk when adapters are added or deleted (`_adaptable_modules`) and
+        # kept up to date by `_wrap` and `_uninstall`, so that the rest of an install or a delete (a
+        # server's LRU) walks no module tree.
+        self._layers: dict[str, nn.Module] = dict(self._walk_adaptable_modules())
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
@@ -453,12 +458,13 @@ class AdapterModel(nn.Module):
         self.adapter_configs.pop(name, None)
         self._kinds.pop(name, None)
         self.virtual_tokens.remove(name)
-        for module, layer in list(self._adapted_layers()):
+        for module, layer in [(n, m) for n, m in self._adaptable_modules() if isinstance(m, AdaptedLayer)]:
             for bank in layer.banks.values():
                 bank.remove(name)
             layer.drop_empty_banks()
             if not layer.banks:
                 self.base_model.set_submodule(module, layer.base_layer)
+                self._layers[module] = layer.base_layer
         self._link_groups()
 
     def _link_groups(self) -> None:
@@ -468,29 +474,42 @@ class AdapterModel(nn.Module):
         self._restructured(layers)
 
     def _wrap(self, module_name: str) -> AdaptedLayer:
-        module = self.base_model.get_submodule(module_name)
+        module = self._layers[module_name]
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(module, self.routing_state).train(module.training)
             self.base_model.set_submodule(module_name, module)
+            self._layers[module_name] = module
         return module
 
     def _adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
-        return _adapted_layers_of(self.base_model)
+        return ((name, layer) for name, layer in self._layers.items() if isinstance(layer, AdaptedLayer))
 
     def _adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """Every Linear/Conv1D of the base model (wrapped or not), by its name in the base model."""
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, AdaptedLayer):
-                yield name, module
-            elif isinstance(module, ADAPTABLE) and not (
-                name.endswith(".base_layer")
-                and isinstance(self.base_model.get_submodule(name[: -len(".base_layer")]), AdaptedLayer)
-            ):
-                yield name, module
+        """Every Linear/Conv1D of the base model (wrapped or not), by its name in the base model, found
+        afresh: its layers may have been replaced since."""
+        self._layers = dict(self._walk_adaptable_modules())
+        return iter(self._layers.items())
+
+    def _walk_adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """`_adaptable_modules`, found by walking the base model (not into the layers: an `AdaptedLayer`
+        holds its banks' many modules), in module order, each module once (as ``named_modules``)."""
+        seen: set[int] = set()
+
+        def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+            for name, child in module._modules.items():
+                if child is None or id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if isinstance(child, (AdaptedLayer, *ADAPTABLE)):
+                    yield prefix + name, child
+                else:
+                    yield from walk(child, f"{prefix}{name}.")
+
+        return walk(self.base_model, "")
 
     def _is_output(self, name: str) -> bool:
         output = self.base_model.get_output_embeddings()
-        module = self.base_model.get_submodule(name)
+        module = self._layers[name]
         return output is not None and (module is output or getattr(module, "base_layer", None) is output)
 
     def _example_layer_names(self) -> str:
