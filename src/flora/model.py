@@ -458,7 +458,8 @@ class AdapterModel(nn.Module):
         self.adapter_configs.pop(name, None)
         self._kinds.pop(name, None)
         self.virtual_tokens.remove(name)
-        for module, layer in [(n, m) for n, m in self._adaptable_modules() if isinstance(m, AdaptedLayer)]:
+        self._layers = dict(self._walk_adaptable_modules())
+        for module, layer in list(self._adapted_layers()):
             for bank in layer.banks.values():
                 bank.remove(name)
             layer.drop_empty_banks()
@@ -486,7 +487,7 @@ class AdapterModel(nn.Module):
 
     def _adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """Every Linear/Conv1D of the base model (wrapped or not), by its name in the base model, found
-        afresh: its layers may have been replaced since."""
+        afresh: its layers may have been replaced since (`_layers`)."""
         self._layers = dict(self._walk_adaptable_modules())
         return iter(self._layers.items())
 
