@@ -82,7 +82,7 @@ class AdapterModel(nn.Module):
         # wrapping it. Found by one walk when adapters are added or deleted (`_adaptable_modules`) and
         # kept up to date by `_wrap` and `_uninstall`, so that the rest of an install or a delete (a
         # server's LRU) walks no module tree.
-        self._layers: dict[str, nn.Module] = dict(self._walk_adaptable_modules())
+        self._layers: dict[str, nn.Module] = self._find_layers()
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
@@ -458,7 +458,7 @@ class AdapterModel(nn.Module):
         self.adapter_configs.pop(name, None)
         self._kinds.pop(name, None)
         self.virtual_tokens.remove(name)
-        self._layers = dict(self._walk_adaptable_modules())
+        self._find_layers()
         for module, layer in list(self._adapted_layers()):
             for bank in layer.banks.values():
                 bank.remove(name)
@@ -488,12 +488,11 @@ class AdapterModel(nn.Module):
     def _adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """Every Linear/Conv1D of the base model (wrapped or not), by its name in the base model, found
         afresh: its layers may have been replaced since (`_layers`)."""
-        self._layers = dict(self._walk_adaptable_modules())
-        return iter(self._layers.items())
+        return iter(self._find_layers().items())
 
-    def _walk_adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """`_adaptable_modules`, found by walking the base model (not into the layers: an `AdaptedLayer`
-        holds its banks' many modules), in module order, each module once (as ``named_modules``)."""
+    def _find_layers(self) -> dict[str, nn.Module]:
+        """`_layers` found afresh by walking the base model (not into the layers: an `AdaptedLayer` holds
+        its banks' many modules), in module order, each module once (as ``named_modules``)."""
         seen: set[int] = set()
 
         def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -506,7 +505,8 @@ class AdapterModel(nn.Module):
                 else:
                     yield from walk(child, f"{prefix}{name}.")
 
-        return walk(self.base_model, "")
+        self._layers = dict(walk(self.base_model, ""))
+        return self._layers
 
     def _is_output(self, name: str) -> bool:
         output = self.base_model.get_output_embeddings()
