@@ -57,7 +57,7 @@ def completion_body(request: Request, model: str) -> dict:
         "prompt": request.prompt,
         "max_tokens": request.output_tokens,
         "ignore_eos": True,
-        "temperature": 0.0,
+        "temperature": request.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

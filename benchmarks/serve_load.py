@@ -128,6 +128,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int_range, default=(16, 64), help="LOW-HIGH, uniform (ignore_eos)")
     parser.add_argument("--deadline", type=positive_float, default=75.0, help="seconds per run after the first send")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="every request's temperature (0: greedy; 1: OpenAI's default)"
+    )
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument(
         "--max-loaded-adapters", type=int, default=32, help="flora's LRU size; vLLM's --max-loras and --max-cpu-loras"
@@ -297,6 +300,7 @@ def main() -> None:
     _, tokenizer = load_base(args.model)
     adapters = adapter_set(args.model, max(args.adapters), args.rank, seed=args.seed)
     requests = draw_requests(tokenizer, args.requests, args.rate, args.prompt_tokens, args.output_tokens, args.seed)
+    requests = tuple(replace(r, temperature=args.temperature) for r in requests)
     by_name = {}
     for count, distribution in workload_keys(args):
         workload = route(requests, list(adapters)[:count], distribution, seed=args.seed + 1)

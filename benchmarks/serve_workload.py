@@ -39,6 +39,7 @@ class Request:
     prompt_tokens: int
     output_tokens: int
     adapter: str | None = None
+    temperature: float = 0.0  # 0: greedy
 
 
 @dataclass(frozen=True)
