@@ -8,11 +8,12 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--seed", type=int, default=0, help="the adapters' initialisation and the data order")
     demo.set_defaults(func=run)
 
 
 def run(args) -> int:
     from flora.demo import run_demo
 
-    run_demo(args.output_dir, args.model, args.steps)
+    run_demo(args.output_dir, args.model, args.steps, args.seed)
     return 0
