@@ -10,6 +10,7 @@ from conftest import VOCAB, tiny_model
 from flora import AdapterModel, LoraConfig
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.lora_group import GroupRun
+from flora.methods.slot_tables import SlotTables
 
 CONFIGS = {  # adapter -> config: mixed ranks, and adapters that leave some siblings unadapted
     "llama": {"r4": LoraConfig(r=4, alpha=8),
@@ -188,6 +189,45 @@ def test_kept_tables_serve_routings_that_alternate_across_inference_and_no_grad_
         with mode(), model.routed(routings[key]):
             logits = model.base_model(batches[key][1]).logits
         assert torch.allclose(logits, expected[key], atol=2e-5, rtol=1e-4), key
+
+
+def test_kept_tables_write_a_changed_row_once_for_every_group(monkeypatch):
+    """A server's routings differ from the last in a row or two (`flora.methods.slot_tables`): each
+    changed row is written once for all the groups together, the others not at all; rows that
+    grow the batch past its slots, and layouts that change with the batch's ranks, still give each
+    row its own adapter."""
+    model = _model()
+    model.strategy = "bmm"
+    model.adapters_read_only = True
+    writes = []
+    write_slot = SlotTables._write_slot
+    monkeypatch.setattr(SlotTables, "_write_slot", staticmethod(lambda *a: writes.append(a) or write_slot(*a)))
+    ids = torch.randint(1, VOCAB, (12, 5), generator=torch.Generator().manual_seed(4))
+    groups = {id(bank.group): bank.group for bank in _lora_banks(model)}.values()
+    factors = sum(1 + len(group.banks) for group in groups)  # an A per group, a B per member (r4 adapts all)
+    steps = [  # (rows, rows written)
+        (["r4", "r6", "r2"], None),  # first routing: every group's tables are made
+        (["r4", "r6", "r4"], 1),  # one row changed, the same layout
+        (["r4", "r6", "r4"], 0),  # a new routing with the same rows
+        (["r4", "r6"], 0),  # a row left from the end
+        (["r4", "r6", "r4", None], 1),  # its slot still holds r4; a base-model row joined (zeros)
+        (["r4", "r6", "r2", "r2"], 2),
+        (["r2", "r2"], None),  # smaller ranks: other layouts, whose new tables hold only these rows
+        (["r2", "r2", "r2", "r2"], 2),  # so the slots that held r2 in the others are written again
+        (["r6", "r2", "r4", None, "r2", "r6", "r4", "r4", "r2", "r6", None, "r4"], None),  # past 8 slots
+        (["r6", "r2", "r4"], 0),
+    ]
+    for names, written in steps:
+        writes.clear()
+        routing = model.routing(names, carry=True)
+        with torch.inference_mode(), model.routed(routing):
+            logits = model.base_model(ids[: len(names)]).logits
+        expected = _merged_logits(model, ids[: len(names)], names)
+        assert torch.allclose(logits, expected, atol=2e-5, rtol=1e-4), names
+        if written is not None:
+            assert len(writes) == written, names
+            if "r4" in names:  # each of them in every group's tables
+                assert all(len(slot) == factors for slot, _ in writes)
 
 
 def _lora_banks(model: AdapterModel):

@@ -115,3 +115,4 @@ class RoutingState:
         self.strategy: str = "auto"
         self.tuner: Any = None  # a flora.kernels.autotune.Autotuner, set by AdapterModel
         self.adapters_read_only = False  # see AdapterModel.adapters_read_only
+        self.slot_tables: Any = None  # LoRA's per-row tables kept between routings (flora.methods.slot_tables)

@@ -30,7 +30,6 @@ checkpointing's recomputation repeats exactly the operations of the forward.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.base import Plan, pad_rank
+from flora.methods.slot_tables import GroupLayout, slot_tables
 from flora.routing import Routing
 
 if TYPE_CHECKING:
@@ -90,13 +90,12 @@ class LoraGroup:
     def __init__(self, banks: list[LoraBank]) -> None:
         self.banks = banks
         self._factors: dict[str, tuple] = {}  # adapter -> (layout, parameters, their versions, factors): `_row_factors`
-        self._slots = (SlotTables(), SlotTables())  # for decoding steps (one token per row), for prompts
 
     def forget(self, name: str) -> None:
         """Drop adapter ``name``'s kept row factors (see `_row_factors`) and its rows of the kept tables."""
         self._factors.pop(name, None)
-        for slots in self._slots:
-            slots.forget(name)
+        for tables in slot_tables(self.banks[0].state):
+            tables.forget(name)
 
     def computes_together(self, routing: Routing) -> bool:
         """Whether the members share one computation: not while one trains with dropout (whose mask
@@ -216,26 +215,30 @@ class LoraGroup:
         R_m, out_m])``: each member's ``B`` is read on its own, not as a block-diagonal table that
         would triple what decoding reads from memory. Rows without one of a member's adapters read
         zeros. Each row's factors (`_row_factors`) go straight into the batch's tables: stacked under
-        autograd; without it written into tables kept between routings (`SlotTables`), where a row
-        is rewritten only when its adapter differs from the last routing's in that row (or, unless
-        the adapters are read-only, when its factors were worked out again). Decoding steps and
-        prompts keep tables of their own, so that a server's prefills do not overwrite the rows of
-        its running batch. Those tables are for the routing in force when the kernel runs, read
-        then: the kernel may serve later routings of the same shape (`flora.routing`)."""
+        autograd; without it written into the model's tables kept between routings
+        (`flora.methods.slot_tables`), where a row is rewritten only when its adapter differs from
+        the last routing's in that row (or, unless the adapters are read-only, when its factors
+        were worked out again). Those tables are for the routing in force when the kernel runs,
+        read then: the kernel may serve later routings of the same shape (`flora.routing`)."""
         ranks = layout[1]
         if not torch.is_grad_enabled():
-            state, (steps, prompts), held = self.banks[0].state, self._slots, [bank.lora_A for bank, _ in members]
+            state, held = self.banks[0].state, [bank.lora_A for bank, _ in members]
             like = self._row_factors(members, next(iter(plan.groups)), layout)[0]
             key = (*layout, like.dtype, like.device)
 
             def holds(name: str) -> bool:  # rows of other adapters read zeros
                 return any(name in h for h in held)
 
+            def fits(name: str) -> bool:
+                return all(bank.ranks.get(name, 0) <= rank for (bank, _), rank in zip(members, ranks, strict=True))
+
             def factors(name: str) -> tuple[Tensor, list[Tensor]]:
                 return self._row_factors(members, name, layout)
 
+            group = GroupLayout(holds, fits, factors, ranks)
+            steps, prompts = slot_tables(state)
             return lambda x: (steps if x.shape[1] == 1 else prompts).tables(
-                state.current.expanded(x.shape[0]), key, holds, factors, state.adapters_read_only
+                state.current.expanded(x.shape[0]), key, group, state.adapters_read_only
             )
         names = [name if name in plan.groups else None for name in routing.names]  # None: zeros
         row_factors = [None if name is None else self._row_factors(members, name, layout) for name in names]
@@ -271,70 +274,6 @@ class LoraGroup:
             tensors = tuple(t for _, a, b in held if a is not None for t in (a, b))
             self._factors[name] = (layout, tensors, _versions(tensors), factors)
         return factors
-
-
-class SlotTables:
-    """`lowrank_bmm`'s per-row tables kept between routings (without autograd): slot ``r`` holds the
-    factors of row ``r``'s adapter in the routing that wrote last. A routing writes only the slots
-    whose adapter changed, so a server that keeps its rows in their slots while others join and
-    leave (`flora.serve.engine`) writes the joining rows' factors, not the whole batch's: only those
-    rows' factors are looked up, unless the adapters may have changed in place (not read-only),
-    when every row's are, to compare. A routing whose tables another routing has overwritten since
-    writes its changed slots again when it runs. The tables grow in steps of 8 rows and are kept
-    at the largest batch seen."""
-
-    def __init__(self) -> None:
-        self.layout: tuple | None = None
-        self.a: Tensor | None = None  # [slots, R, in]
-        self.bs: list[Tensor] = []  # per member [slots, R_m, out_m]
-        self.names: list[object] = []  # per slot: the row's adapter when written (or None)
-        self.written: list[object] = []  # per slot: the factors written there (None: zeros)
-        self.owner: object | None = None
-        self.views: tuple[Tensor, list[tuple[int, int, Tensor]]] | None = None
-
-    def forget(self, name: str) -> None:
-        """Adapter ``name`` was replaced or removed: its slots are written again when next used."""
-        self.names = [_UNWRITTEN if kept == name else kept for kept in self.names]
-
-    def tables(
-        self, routing: Routing, layout: tuple, holds: Callable, factors: Callable, read_only: bool
-    ) -> tuple[Tensor, list[tuple[int, int, Tensor]]]:
-        """The views for ``routing``'s rows: a row reads its adapter's factors where ``holds(name)``
-        (``factors(name)``: `LoraGroup._row_factors`, looked up once per adapter here), else zeros."""
-        if self.owner is routing:
-            return self.views
-        names, factors = routing.names, functools.cache(factors)
-        n = len(names)
-        if self.layout != layout or self.a.shape[0] < n:
-            like = factors(next(name for name in names if name is not None and holds(name)))
-            slots = -(-n // 8) * 8
-            with torch.inference_mode(False):  # writable later in and out of inference mode
-                self.a = like[0].new_empty(slots, *like[0].shape)
-                self.bs = [b.new_empty(slots, *b.shape) for b in like[1]]
-            self.names, self.written = [_UNWRITTEN] * slots, [None] * slots
-            self.layout, self.views = layout, None
-        for r, name in enumerate(names):
-            if name == self.names[r]:
-                if read_only or self.written[r] is None or factors(name) is self.written[r]:
-                    continue
-            if name is None or not holds(name):
-                self.a[r].zero_()
-                for b in self.bs:
-                    b[r].zero_()
-                self.written[r] = None
-            else:
-                row = self.written[r] = factors(name)
-                self.a[r].copy_(row[0])
-                for b, factor in zip(self.bs, row[1], strict=True):
-                    b[r].copy_(factor)
-            self.names[r] = name
-        if self.views is None or self.views[0].shape[0] != n:
-            self.views = (self.a[:n], _b_tables([b[:n] for b in self.bs], layout[1]))
-        self.owner = routing
-        return self.views
-
-
-_UNWRITTEN = object()
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:

@@ -401,7 +401,7 @@ def slot_order(rows: list[int]) -> list[int]:
     """The order of the rows that stay (``rows``, ascending) that keeps each in its slot where it can:
     a slot whose row left takes a staying row from past the new end. Rows keep their slot of the
     key/value cache (`SlotCache`) and their adapter's row of the per-row tables
-    (`flora.methods.lora_group.SlotTables`) from one routing to the next:
+    (`flora.methods.slot_tables`) from one routing to the next:
     ``[0, 2, 3, 5]`` of 6 rows -> ``[0, 5, 2, 3]``."""
     staying = set(rows)
     movers = iter(row for row in rows if row >= len(rows))
