@@ -38,7 +38,7 @@ from torch import Tensor
 
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.base import Plan, pad_rank
-from flora.methods.slot_tables import GroupLayout, slot_tables
+from flora.methods.slot_tables import GroupLayout, b_tables, slot_tables
 from flora.routing import Routing
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class LoraGroup:
         if strategy == "segmented" and plan.one_adapter_for_all(routing.batch_size):
             return self._whole_batch_kernel(members, layout)
         factors = {name: self._row_factors(members, name, layout) for name in plan.groups}
-        columns = {name: (a, _b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
+        columns = {name: (a, b_tables(b_parts, ranks)) for name, (a, b_parts) in factors.items()}
         if strategy == "loop":
             groups = [(plan.rows[name], *columns[name]) for name in plan.groups]
             return lambda x: lowrank_loop(x, groups)
@@ -180,7 +180,7 @@ class LoraGroup:
             routing = state.current
             if kept[0] is not routing:
                 a, b_parts = self._row_factors(members, routing.names[0], layout)
-                kept[:] = [routing, [(0, x.shape[0], a, _b_tables(b_parts, layout[1]))]]
+                kept[:] = [routing, [(0, x.shape[0], a, b_tables(b_parts, layout[1]))]]
             return lowrank_segmented(x, None, kept[1])
 
         return run
@@ -246,8 +246,8 @@ class LoraGroup:
             like = next(f for f in row_factors if f is not None)
             zeros = (like[0].new_zeros(like[0].shape), [b.new_zeros(b.shape) for b in like[1]])
             row_factors = [zeros if f is None else f for f in row_factors]
-        b_tables = [torch.stack([b[m] for _, b in row_factors]) for m in range(len(ranks))]
-        tables = (torch.stack([a for a, _ in row_factors]), _b_tables(b_tables, ranks))
+        b_rows = [torch.stack([b[m] for _, b in row_factors]) for m in range(len(ranks))]
+        tables = (torch.stack([a for a, _ in row_factors]), b_tables(b_rows, ranks))
         return lambda x: tables
 
     def _row_factors(
@@ -280,12 +280,6 @@ def _versions(tensors: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:
     """What changes when a tensor is written: in place (its version counter) or given new storage
     (``module.to(dtype)`` swaps a parameter's data without counting a version)."""
     return tuple((t._version, t.data_ptr()) for t in tensors)
-
-
-def _b_tables(tables: list[Tensor], ranks: tuple[int, ...]) -> list[tuple[int, int, Tensor]]:
-    """``(start, stop, table)`` per member: its ranks' columns of ``x Aᵀ``."""
-    starts = [sum(ranks[:m]) for m in range(len(ranks))]
-    return [(start, start + rank, table) for start, rank, table in zip(starts, ranks, tables, strict=True)]
 
 
 def _factors(held: list[tuple[LoraBank, Tensor | None, Tensor | None]], name: str, ranks: tuple[int, ...]):

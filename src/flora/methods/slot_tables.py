@@ -67,10 +67,7 @@ class GroupTables:
         """The tables of the first ``n`` slots, as `lowrank_bmm` reads them."""
         views = self._views.get(n)
         if views is None:
-            ranks = self.layout.ranks
-            starts = [sum(ranks[:m]) for m in range(len(ranks))]
-            b_rows = [(start, start + rank, b[:n]) for start, rank, b in zip(starts, ranks, self.bs, strict=True)]
-            views = self._views[n] = (self.a[:n], b_rows)
+            views = self._views[n] = (self.a[:n], b_tables([b[:n] for b in self.bs], self.layout.ranks))
         return views
 
 
@@ -192,6 +189,12 @@ class SlotTables:
         if views is None:
             views = self._slot_views[r] = [view for group in self.groups.values() for view in group.slot(r)]
         return views
+
+
+def b_tables(tables: list[Tensor], ranks: tuple[int, ...]) -> list[tuple[int, int, Tensor]]:
+    """``(start, stop, table)`` per member of a group: its ranks' columns of ``x Aᵀ``."""
+    starts = [sum(ranks[:m]) for m in range(len(ranks))]
+    return [(start, start + rank, table) for start, rank, table in zip(starts, ranks, tables, strict=True)]
 
 
 def slot_tables(state: RoutingState) -> tuple[SlotTables, SlotTables]:
