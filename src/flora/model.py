@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flora.base import load_base
+from flora.hub import resolve_adapter_dir
 from flora.io import KEY_PREFIX, read_adapter_dir, split_key, write_adapter_dir
 from flora.kernels.autotune import Autotuner, token_bucket
 from flora.layer import ADAPTABLE, AdaptedLayer, weight_out_in
@@ -86,9 +87,17 @@ class AdapterModel(nn.Module):
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=torch.float32, device="cpu", **kwargs):
-        """`flora.load_base` then wrap: ``AdapterModel.from_pretrained("smollm2-135m")``."""
-        model, tokenizer = load_base(name_or_path, dtype=dtype, device=device)
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        dtype=torch.float32,
+        device="cpu",
+        allow_download: bool | None = None,
+        **kwargs,
+    ):
+        """`flora.load_base` then wrap: ``AdapterModel.from_pretrained("smollm2-135m")`` (or a directory, or a
+        Hugging Face id in the local cache; ``allow_download=True`` fetches one that is not there)."""
+        model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, allow_download=allow_download)
         return cls(model, tokenizer, **kwargs)
 
     @property
@@ -141,8 +150,12 @@ class AdapterModel(nn.Module):
             )
         self._install(adapter_name, config, {name: None for name in targets})
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default") -> str:
-        """Load a Hugging Face PEFT adapter directory (or one saved by flora) as ``adapter_name``."""
+    def load_adapter(
+        self, path: str | os.PathLike, adapter_name: str = "default", allow_download: bool | None = None
+    ) -> str:
+        """Load a Hugging Face PEFT adapter directory (or one saved by flora), or a Hugging Face id in the
+        local cache (`flora.hub`; ``allow_download=True`` fetches one that is not there), as ``adapter_name``."""
+        path = resolve_adapter_dir(path, allow_download)
         return self.install_adapter(adapter_name, *read_adapter_dir(path), path=path)
 
     def install_adapter(
