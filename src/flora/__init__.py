@@ -7,32 +7,46 @@ ids = model.generate(input_ids, attention_mask=mask, adapter_names=["x", None], 
 
 Training (`flora.training`): ``flora.train(model=..., method="lora", settings={"r": 8}, ...)`` runs a
 job (`flora.training.train`); ``flora train`` on the command line.
+
+Every public name is imported on first use (PEP 562): ``import flora`` loads neither torch nor
+transformers, so the command line (``flora --help``, ``flora --version``) answers at once.
 """
 
-from typing import Any
+from __future__ import annotations
 
-from flora.base import load_base
-from flora.methods import BitFitConfig, BottleneckConfig, FloraConfig, Ia3Config, LoraConfig
-from flora.methods.prefix import PrefixTuningConfig
-from flora.methods.prompt import PromptTuningConfig
-from flora.model import AdapterModel
+import importlib
+from typing import TYPE_CHECKING, Any
 
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "AdapterModel": "flora.model", "BitFitConfig": "flora.methods", "BottleneckConfig": "flora.methods",
+    "FloraConfig": "flora.methods", "Ia3Config": "flora.methods", "LoraConfig": "flora.methods",
+    "PrefixTuningConfig": "flora.methods.prefix", "PromptTuningConfig": "flora.methods.prompt",
+    "load_base": "flora.base", "train": "flora.training",
+}  # fmt: skip
 __all__ = [
     "AdapterModel", "BitFitConfig", "BottleneckConfig", "FloraConfig", "Ia3Config", "LoraConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "load_base", "train",
 ]  # fmt: skip
-__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from flora.base import load_base
+    from flora.methods import BitFitConfig, BottleneckConfig, FloraConfig, Ia3Config, LoraConfig
+    from flora.methods.prefix import PrefixTuningConfig
+    from flora.methods.prompt import PromptTuningConfig
+    from flora.model import AdapterModel
+    from flora.training import train
 
 
 def __getattr__(name: str) -> Any:
-    # ``flora.train`` is `flora.training.train`, imported on first use: ``import flora`` stays light
-    # (no transformers.Trainer).
-    if name == "train":
-        from flora.training import train
-
-        return train
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "train"})
+    return sorted({*globals(), *_EXPORTS})

@@ -1,4 +1,4 @@
-"""``flora eval`` evaluates a model (``smollm2-135m`` or a local transformers directory), with any
+"""``flora eval`` evaluates a model (``smollm2-135m``, a local directory or a Hugging Face id), with any
 number of adapters routed per task or category, on the built-in suite's held-out instances or
 on Super-NaturalInstructions / Alpaca / prompt-completion files; it prints a summary and the
 time, and writes ``--json`` (scores and settings) and ``--predictions`` (JSONL).
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flora.cli.options import parse_adapters, parse_pairs, split_names
+from flora.cli.options import MODEL_HELP, parse_adapters, parse_pairs, split_names
 from flora.data import suite as suite_module
 from flora.data.formats import detect_format, load_alpaca, load_prompt_completion, load_sni, read_task_names
 from flora.data.templates import (
@@ -27,38 +27,37 @@ DEFAULT_EVAL_INSTANCES = 20
 
 def add_parser(subparsers) -> None:
     ev = subparsers.add_parser(
-        "eval",
-        help="evaluate a model (and adapters, routed per task) with ROUGE-L and exact match",
-        description="Greedy batched generation; each row uses the adapter routed to its task.",
+        "eval", description="Greedy batched generation; each row uses the adapter routed to its task."
     )
-    ev.add_argument("--model", required=True, help="smollm2-135m or a local transformers directory")
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
     ev.add_argument("--data", default="suite",
                     help="'suite' (built-in, held-out instances), an SNI task file or directory, a directory "
                          "written by `flora tasks export`, or an Alpaca / prompt-completion JSON(L) file")  # fmt: skip
-    ev.add_argument("--format", choices=("auto", "sni", "alpaca", "jsonl"), default="auto")
+    ev.add_argument("--format", choices=("auto", "sni", "alpaca", "jsonl"), default="auto", help="format of --data")
     ev.add_argument("--split", help="split directory with train_tasks.txt / test_tasks.txt (seen / unseen tasks), "
                                     "or one split file: evaluate only the tasks it names")  # fmt: skip
-    ev.add_argument("--tasks", help="comma-separated task names (or suite categories) to evaluate")
+    ev.add_argument("--tasks", help="comma-separated task names (or suite categories) to evaluate (default: all)")
     ev.add_argument("--suite-seed", type=int, default=0, help="seed of the built-in suite")
     ev.add_argument("--max-instances", type=int, default=DEFAULT_EVAL_INSTANCES,
-                    help=f"instances per task (default {DEFAULT_EVAL_INSTANCES}; 0: all)")  # fmt: skip
+                    help="instances per task (0: all)")  # fmt: skip
     ev.add_argument("--template", choices=TEMPLATE_NAMES, help="default: sni (alpaca / plain for those formats)")
     ev.add_argument("--pos-examples", type=int, default=0, help="positive examples in the SNI prompt (k-shot)")
     ev.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     ev.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                    help="a PEFT adapter directory (repeatable); one alone, no --route: all rows")  # fmt: skip
+                    help="a PEFT adapter directory or Hugging Face id (repeatable); one alone, no --route: all "
+                         "rows")  # fmt: skip
     ev.add_argument("--route", action="append", default=[], metavar="TASK_OR_CATEGORY=NAME",
                     help="rows of this task or category use adapter NAME ('*' = the rest; NAME 'none' = base "
                          "model); rows no route names use the base model")  # fmt: skip
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
     ev.add_argument("--max-new-tokens", type=int, help="fixed budget (default: per task, longest reference + margin)")
-    ev.add_argument("--new-token-margin", type=int, default=8)
-    ev.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--new-token-margin", type=int, default=8, help="new tokens beyond a task's longest reference")
+    ev.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model dtype")
+    ev.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
     ev.add_argument("--strategy", default="auto", help="per-row adapter strategy of flora.AdapterModel")
     ev.add_argument("--json", dest="json_path", metavar="PATH", help="write scores and settings as JSON")
     ev.add_argument("--predictions", metavar="PATH", help="write every prediction as JSONL")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=run)
 
 

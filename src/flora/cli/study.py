@@ -14,11 +14,11 @@ import json
 import sys
 
 _EPILOG = """examples:
-  flora study run peft-instruction --profile smoke --out runs/study-smoke
-  flora study run peft-instruction --profile cpu --data ../shared/superni --out results/studies/peft-instruction
-  flora study run flora-domains --profile cpu --out results/studies/flora-domains
-  flora study run my_study.toml --out runs/mine --backend ray --address ray://head:10001
-  flora study run --out runs/mine --resume            (continue with the stored spec)
+  flora study run peft-instruction --profile smoke --output-dir runs/study-smoke
+  flora study run peft-instruction --profile paper --data natural-instructions --output-dir runs/paper
+  flora study run flora-domains --profile cpu --output-dir results/studies/flora-domains
+  flora study run my_study.toml --output-dir runs/mine --backend ray --address ray://head:10001
+  flora study run --output-dir runs/mine --resume            (continue with the stored spec)
   flora study status runs/mine
   flora study report runs/mine
   flora study list
@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     run_p = commands.add_parser("run", help="run (or continue) a study")
     run_p.add_argument("spec", nargs="?", help="a built-in spec (flora study list) or a TOML file; "
                                                "omitted with --resume: the spec stored in --out")  # fmt: skip
-    run_p.add_argument("--out", required=True, help="the study directory (store, report, figures)")
+    run_p.add_argument("--output-dir", "--out", dest="out", required=True,
+                       help="the study directory (store, report, figures)")  # fmt: skip
     run_p.add_argument("--profile", help="a profile of the spec: smoke, cpu, paper (default: the spec's default)")
     run_p.add_argument("--backend", choices=("local", "ray"), default="local", help="where trials run (local)")
     run_p.add_argument("--address", help="Ray cluster address for --backend ray (default: a local Ray instance)")
