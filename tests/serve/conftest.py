@@ -28,9 +28,11 @@ def reference(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer, adapter_dir):
+def server(tokenizer, adapter_dir, tmp_path_factory):
+    """Runtime adapter loading on, from the adapter dir and every test's temporary directory."""
     live = LiveServer(AdapterModel(tiny_llama(tokenizer), tokenizer), adapter_dir=str(adapter_dir),
-                      max_model_len=MAX_MODEL_LEN, max_num_seqs=8)  # fmt: skip
+                      max_model_len=MAX_MODEL_LEN, max_num_seqs=8, enable_runtime_lora_updating=True,
+                      allowed_adapter_paths=[str(tmp_path_factory.getbasetemp())])  # fmt: skip
     yield live
     live.stop()
 

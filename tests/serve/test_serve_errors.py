@@ -114,7 +114,7 @@ def test_a_waiting_client_that_leaves_is_dropped_and_a_full_queue_answers_429(to
             next(lines)  # running: the only slot is taken
             with pytest.raises(httpx.ReadTimeout):  # a client that gives up while its request waits
                 httpx.post(f"{live.url}/v1/completions", json={**long, "model": "lora2", "stream": False}, timeout=0.5)
-            wait_for(lambda: live.metric("flora:requests_total", adapter="lora2", finish_reason="abort") == 1)
+            wait_for(lambda: live.metric("flora:request_success_total", adapter="lora2", finished_reason="abort") == 1)
             assert live.metric("flora:num_requests_running") == 1
             waiting = threading.Thread(target=lambda: _post(live, "/v1/completions", json={**long, "stream": False}))
             waiting.start()
@@ -134,7 +134,7 @@ def test_metrics_report_queues_adapters_latencies_and_tokens(server):
                  "flora:adapter_loads_total", "flora:adapter_hits_total", "flora:adapter_evictions_total",
                  "flora:time_to_first_token_seconds_bucket", "flora:inter_token_latency_seconds_bucket",
                  "flora:e2e_request_latency_seconds_bucket", "flora:prompt_tokens_total",
-                 "flora:generation_tokens_total", 'flora:requests_total{adapter="lora2"'):  # fmt: skip
+                 "flora:generation_tokens_total", 'flora:request_success_total{adapter="lora2"'):  # fmt: skip
         assert name in text, name
     assert server.metric("flora:generation_tokens_total") >= 3
     assert httpx.get(f"{server.url}/health").status_code == 200

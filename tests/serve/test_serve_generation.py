@@ -116,12 +116,12 @@ def test_stop_strings_end_the_text_before_the_stop(client, tokenizer, reference,
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     body = {"model": "lora2", "prompt": PROMPTS[0], "max_tokens": 110, "temperature": 0, "ignore_eos": True,
             "stream": True}  # fmt: skip
-    aborted = server.metric("flora:requests_total", adapter="lora2", finish_reason="abort")
+    aborted = server.metric("flora:request_success_total", adapter="lora2", finished_reason="abort")
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
         for _ in zip(range(3), response.iter_lines(), strict=False):
             pass  # read a few events, then hang up
     deadline = time.monotonic() + 20
-    while server.metric("flora:requests_total", adapter="lora2", finish_reason="abort") == aborted:
+    while server.metric("flora:request_success_total", adapter="lora2", finished_reason="abort") == aborted:
         assert time.monotonic() < deadline, "the request was not aborted"
         time.sleep(0.05)
     assert server.metric("flora:num_requests_running") == 0

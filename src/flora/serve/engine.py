@@ -6,8 +6,9 @@ Every iteration of the engine's loop, between two decoding steps:
    evicted or retired ones removed);
 2. aborted requests (client gone, stop string seen) leave the batch at once;
 3. waiting requests are admitted while the limits allow (``max_num_seqs`` rows,
-   ``max_num_batched_tokens`` tokens per step); a request whose adapter is still loading is
-   skipped, not waited for. Admitted requests are prefilled in groups of similar prompt length
+   ``max_num_batched_tokens`` tokens per step, ``max_loras`` distinct adapters in the batch); a
+   request whose adapter is still loading, or would be one adapter too many, is skipped, not
+   waited for. Admitted requests are prefilled in groups of similar prompt length
    (`prefill_groups`), one forward per group over its left-padded prompts with each row's
    adapter (`AdapterModel.forward`, which also puts prompt- and prefix-tuning rows' virtual tokens
    in front), and their keys and values take the next slots of the running batch's cache
@@ -115,6 +116,12 @@ class EngineLimits:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     max_queue: int = 1024
+    max_loras: int | None = None  # distinct adapters in the running batch at most (vLLM's --max-loras)
+
+    def admits_adapter(self, batch: set[AdapterVersion], adapter: AdapterVersion | None) -> bool:
+        """Whether a request on ``adapter`` may join a batch running ``batch``'s adapters under
+        ``max_loras`` (the base model is no adapter)."""
+        return adapter is None or adapter in batch or self.max_loras is None or len(batch) < self.max_loras
 
 
 class Engine:
@@ -251,6 +258,7 @@ class Engine:
         only: tuple[AdapterVersion | None] | None = None
         if self.batching == "one-adapter" and self.running:
             only = (self.running[0].adapter,)
+        adapters = {r.adapter for r in self.running if r.adapter is not None}
         admitted = []
         for request in self.waiting:
             if rows <= 0:
@@ -259,9 +267,13 @@ class Engine:
                 continue  # still loading: others go first
             if only is not None and request.adapter is not only[0]:
                 continue
+            if not self.limits.admits_adapter(adapters, request.adapter):
+                continue  # --max-loras distinct adapters run: requests on them go first
             if len(request.prompt_ids) > tokens and (admitted or self.running):
                 break  # first come, first served: a long prompt is not overtaken by shorter ones
             admitted.append(request)
+            if request.adapter is not None:
+                adapters.add(request.adapter)
             rows -= 1
             tokens -= len(request.prompt_ids)
             if self.batching == "one-adapter" and only is None:
@@ -305,7 +317,7 @@ class Engine:
             key: torch.cat([self._rows[key], value]) if self._rows else value for key, value in new_rows.items()
         }
         for request in requests:
-            self.metrics.prompt_tokens(len(request.prompt_ids))
+            self.metrics.prompt_tokens(request)
         self._sample(output.logits[:, -1], first_row=len(self.running) - len(requests))
 
     def _decode(self) -> None:

@@ -99,7 +99,8 @@ class LoadLoraAdapterRequest(BaseModel):
     """``POST /v1/load_lora_adapter`` (vLLM's), for adapters of any flora method."""
 
     lora_name: str
-    lora_path: str
+    lora_path: str = Field(min_length=1, max_length=4096, description="a directory under --adapter-dir or "
+                                                                     "--allowed-adapter-paths")  # fmt: skip
     load_inplace: bool = False
 
 
@@ -111,7 +112,8 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_name: str
 
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError", 500: "InternalServerError",
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+               413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
                503: "ServiceUnavailableError"}  # fmt: skip
 
 

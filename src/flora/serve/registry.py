@@ -4,6 +4,13 @@ Adapters come from three places: ``--adapter NAME=PATH`` (loaded at start and pi
 evicted), ``--adapter-dir DIR`` (every PEFT-format directory inside, servable by its directory name
 and loaded on its first request) and ``POST /v1/load_lora_adapter`` at run time.
 
+What a client can make the server read is confined (`AdapterRegistry.confine`): an adapter-dir
+entry and a run-time ``lora_path`` are served only if the directory, its ``adapter_config.json``
+and its ``adapter_model.safetensors``, symlinks followed, lie under a *root*: the adapter dir or an
+``--allowed-adapter-paths`` directory. Pinned adapters, named by the operator, are not confined. An
+adapter whose rank (LoRA's and FLoRA's ``r``, the largest of ``rank_pattern``) is above
+``max_rank`` (``--max-lora-rank``) is refused when it is leased, registered and read.
+
 A request *leases* its adapter's current `AdapterVersion` for as long as it waits or runs. At most
 ``max_loaded`` adapters (and ``memory_mb`` of their tensors) are in the model: to make room, the
 least recently leased one that no request holds and that is not pinned is evicted. Files are read
@@ -19,12 +26,13 @@ registry queues its work (installs, removals) and the engine calls `apply`.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +40,13 @@ from typing import Any
 
 from torch import Tensor
 
-from flora.io import CONFIG_NAME, read_adapter_dir
+from flora.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
 from flora.model import AdapterModel
 
 logger = logging.getLogger("flora.serve")
 
 MAX_NAME_LENGTH = 200
+SHOWN_LENGTH = 120  # characters of a client's name or path echoed in an error message
 
 
 class UnknownAdapterError(KeyError):
@@ -45,7 +54,37 @@ class UnknownAdapterError(KeyError):
 
 
 class AdapterLoadError(ValueError):
-    """An adapter that cannot be served: bad name, missing or invalid files, another base model (HTTP 400)."""
+    """An adapter that cannot be served: bad name, missing or invalid files, a rank above the limit,
+    another base model (HTTP 400). ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str = "lora_name") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterAccessError(PermissionError):
+    """Files outside every root the server may read adapters from (HTTP 403)."""
+
+
+def shown(text: Any) -> str:
+    """``repr(text)``, cut to `SHOWN_LENGTH` characters with the full length said: a client's
+    10,000-character name is not echoed back."""
+    text = str(text)
+    if len(text) <= SHOWN_LENGTH:
+        return repr(text)
+    return f"{text[:SHOWN_LENGTH]!r}... ({len(text)} characters)"
+
+
+def adapter_rank(config: dict[str, Any]) -> int | None:
+    """The largest rank of an adapter config (``r`` and ``rank_pattern``, PEFT's names: LoRA, FLoRA);
+    ``None`` for methods without a rank (IA3, BitFit, bottleneck adapters, prompt and prefix tuning)."""
+    if "r" not in config:
+        return None
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config["r"], *(pattern.values() if isinstance(pattern, dict) else [pattern])]
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise ValueError(f"r {config['r']!r} and rank_pattern {pattern!r}: expected integers")
+    return max(ranks)
 
 
 @dataclass(eq=False)
@@ -77,11 +116,11 @@ class AdapterVersion:
 def check_name(name: Any, what: str = "lora_name") -> str:
     """A public adapter name: a non-empty string without ``/`` or ``..`` (never a path)."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-        raise AdapterLoadError(f"{what} {name!r} is invalid (expected a non-empty string of at most "
-                               f"{MAX_NAME_LENGTH} characters)")  # fmt: skip
+        raise AdapterLoadError(f"{what} {shown(name)} is invalid (expected a non-empty string of at most "
+                               f"{MAX_NAME_LENGTH} characters)", what)  # fmt: skip
     if "/" in name or "\\" in name or ".." in name or name.strip() != name:
-        raise AdapterLoadError(f"{what} {name!r} is invalid: an adapter name may not contain '/', '\\\\' or '..' "
-                               f"or surrounding spaces (it names an adapter, not a path)")  # fmt: skip
+        raise AdapterLoadError(f"{what} {shown(name)} is invalid: an adapter name may not contain '/', '\\\\' or "
+                               f"'..' or surrounding spaces (it names an adapter, not a path)", what)  # fmt: skip
     return name
 
 
@@ -94,6 +133,8 @@ class AdapterRegistry:
         max_loaded: adapters in memory at most.
         memory_mb: megabytes of adapter tensors in memory at most (``None``: no limit).
         on_change: called (from any thread) when the engine has work to apply.
+        allowed_roots: directories besides ``adapter_dir`` that confined adapters may be read from.
+        max_rank: adapters of a higher rank are refused (``None``: no limit).
     """
 
     def __init__(
@@ -103,13 +144,23 @@ class AdapterRegistry:
         max_loaded: int = 64,
         memory_mb: float | None = None,
         on_change: Callable[[], None] = lambda: None,
+        allowed_roots: Sequence[str | os.PathLike] = (),
+        max_rank: int | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"--max-loaded-adapters {max_loaded}: expected at least 1")
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"--max-lora-rank {max_rank}: expected at least 1")
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
             raise FileNotFoundError(f"--adapter-dir {str(adapter_dir)!r} is not a directory")
+        for root in allowed_roots:
+            if not Path(root).is_dir():
+                raise FileNotFoundError(f"--allowed-adapter-paths {str(root)!r} is not a directory")
         self.base_name = base_name
-        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
+        self.roots = list(dict.fromkeys([*([self.adapter_dir] if self.adapter_dir else []),
+                                         *(Path(root).resolve() for root in allowed_roots)]))  # fmt: skip
+        self.max_rank = max_rank
         self.max_loaded = max_loaded
         self.memory_bytes = None if memory_mb is None else int(memory_mb * 2**20)
         self.on_change = on_change
@@ -136,9 +187,55 @@ class AdapterRegistry:
         return served
 
     def _dir_entries(self) -> list[Path]:
+        """The adapter dir's servable entries, resolved (an entry whose files resolve outside every root
+        is left out)."""
         if self.adapter_dir is None:
             return []
-        return sorted(p for p in self.adapter_dir.iterdir() if (p / CONFIG_NAME).is_file() and ".." not in p.name)
+        entries = (p for p in self.adapter_dir.iterdir() if (p / CONFIG_NAME).is_file() and ".." not in p.name)
+        return sorted(p for p in entries if self._outside(p) is None)
+
+    # -- what may be read ------------------------------------------------------------------------
+
+    def confine(self, path: str | os.PathLike, subject: str | None = None) -> Path:
+        """``path`` resolved (symlinks followed), if it, its ``adapter_config.json`` and its
+        ``adapter_model.safetensors`` lie under a root; `AdapterAccessError` naming ``subject`` (the
+        path by default), the rule and the roots otherwise."""
+        outside = self._outside(Path(path))
+        if outside is not None:
+            target, resolved = outside
+            roots = ", ".join(repr(str(root)) for root in self.roots) or "none: start the server with one"
+            where = "" if str(resolved) == str(path) else f", which resolves to {shown(resolved)},"
+            if target != Path(path):
+                where = f", whose {target.name} resolves to {shown(resolved)},"
+            raise AdapterAccessError(
+                f"{subject or f'lora_path {shown(path)}'}{where} is outside the directories adapters may be read "
+                f"from: adapters are loaded only from under --adapter-dir or --allowed-adapter-paths, symlinks "
+                f"followed (allowed: {roots})"
+            )
+        return Path(path).resolve()
+
+    def _outside(self, path: Path) -> tuple[Path, Path] | None:
+        """The first of ``path`` and its two adapter files that resolves outside every root, and where it
+        resolves to (``None``: all inside)."""
+        for target in (path, path / CONFIG_NAME, path / WEIGHTS_NAME):
+            try:
+                resolved = target.resolve()
+            except (OSError, RuntimeError):  # a symlink loop
+                return target, target
+            if not any(resolved.is_relative_to(root) for root in self.roots):
+                return target, resolved
+        return None
+
+    def _check_rank(self, name: str, config: dict[str, Any], param: str) -> None:
+        if self.max_rank is None:
+            return
+        try:
+            rank = adapter_rank(config)
+        except ValueError as err:
+            raise AdapterLoadError(f"adapter {shown(name)}: {err}", param) from None
+        if rank is not None and rank > self.max_rank:
+            raise AdapterLoadError(f"adapter {shown(name)} has rank {rank}, above the server's --max-lora-rank "
+                                   f"{self.max_rank}", param)  # fmt: skip
 
     def _new_version(self, name: str, path: Path, pinned: bool) -> AdapterVersion:
         return AdapterVersion(name, f"adapter-{next(self._ids)}", path, pinned=pinned)
@@ -147,7 +244,8 @@ class AdapterRegistry:
 
     def lease(self, name: str) -> AdapterVersion:
         """The current version of ``name`` for a new request (loading starts if it is not in memory).
-        Raises `UnknownAdapterError` for a name nobody serves."""
+        Raises `UnknownAdapterError` for a name nobody serves, `AdapterAccessError` for an adapter-dir
+        entry outside the roots and `AdapterLoadError` for one above ``max_rank``."""
         with self._lock:
             version = self.current.get(name)
             if version is None:
@@ -176,6 +274,7 @@ class AdapterRegistry:
         self.on_change()
 
     def _find_in_dir(self, name: str) -> Path:
+        """The adapter dir's entry ``name``, resolved and confined, its rank checked."""
         if name == self.base_name:
             raise AssertionError("the base model is not an adapter")
         known = sorted(self._names())
@@ -186,12 +285,15 @@ class AdapterRegistry:
         path = self.adapter_dir / name if self.adapter_dir is not None else None
         if path is None or not (path / CONFIG_NAME).is_file():
             raise UnknownAdapterError(self._unknown_message(name, known))
+        path = self.confine(path, f"model {shown(name)} (the --adapter-dir entry {shown(path)})")
+        if self.max_rank is not None:
+            self._check_rank(name, _read_config(path, "model"), "model")
         return path
 
     def _unknown_message(self, name: str, known: list[str]) -> str:
-        shown = ", ".join(repr(n) for n in [self.base_name, *known][:50])
+        names = ", ".join(repr(n) for n in [self.base_name, *known][:50])
         more = f" and {len(known) - 49} more" if len(known) > 49 else ""
-        return f"The model {name!r} does not exist. Available models: {shown}{more}."
+        return f"The model {shown(name)} does not exist. Available models: {names}{more}."
 
     def _start_reading(self, version: AdapterVersion) -> None:
         version.state = "loading"
@@ -202,6 +304,7 @@ class AdapterRegistry:
     def _read(self, version: AdapterVersion) -> None:
         try:
             data, tensors = read_adapter_dir(version.path)
+            self._check_rank(version.name, data, "model")  # the files read may have changed since they were checked
         except (OSError, ValueError) as err:
             self._fail(version, f"adapter {version.name!r} cannot be loaded: {err}")
         else:
@@ -221,16 +324,20 @@ class AdapterRegistry:
     # -- run-time API --------------------------------------------------------------------------
 
     def register(
-        self, name: str, path: str | os.PathLike, pinned: bool = False, inplace: bool = False
+        self, name: str, path: str | os.PathLike, pinned: bool = False, inplace: bool = False, confined: bool = False
     ) -> AdapterVersion:
         """A new adapter (or, with ``inplace``, a new version of one) read from ``path``; loading starts.
-        Returns the version; wait for ``version.settled`` to know whether it loaded."""
+        ``confined``: ``path`` must lie under a root (`confine`; a client's path). Returns the version;
+        wait for ``version.settled`` to know whether it loaded."""
         check_name(name)
         if name == self.base_name:
-            raise AdapterLoadError(f"lora_name {name!r} is the base model's name")
-        path = Path(path)
+            raise AdapterLoadError(f"lora_name {shown(name)} is the base model's name")
+        path = self.confine(path) if confined else Path(path)
         if not (path / CONFIG_NAME).is_file():
-            raise AdapterLoadError(f"lora_path {str(path)!r} is not a PEFT adapter directory (no {CONFIG_NAME})")
+            raise AdapterLoadError(f"lora_path {shown(path)} is not a PEFT adapter directory (no {CONFIG_NAME})",
+                                   "lora_path")  # fmt: skip
+        if self.max_rank is not None:
+            self._check_rank(name, _read_config(path, "lora_path"), "lora_path")
         with self._lock:
             old = self.current.get(name)
             if old is not None and old.state != "failed" and not inplace:
@@ -251,7 +358,7 @@ class AdapterRegistry:
         with self._lock:
             version = self.current.pop(name, None)
             if version is None:
-                raise UnknownAdapterError(f"The lora adapter {name!r} cannot be found.")
+                raise UnknownAdapterError(f"The lora adapter {shown(name)} cannot be found.")
             self._retire(version)
         self.on_change()
 
@@ -328,3 +435,14 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_config(path: Path, param: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` of ``path`` (a JSON object), or `AdapterLoadError`."""
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"{path / CONFIG_NAME}: cannot be read as JSON ({err})", param) from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{path / CONFIG_NAME}: expected a JSON object", param)
+    return config

@@ -2,6 +2,8 @@
 
 `build_state` loads the model (or takes one), starts the engine and loads the ``--adapter``
 adapters (pinned) before anything is served; `serve` runs the application with uvicorn.
+`ServeSettings` holds flora's settings under vLLM's names where vLLM has one (``flora serve``'s
+command line maps vLLM's flags onto them: `flora.cli.serve`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from flora.model import AdapterModel
 from flora.serve.app import ServerState, create_app
 from flora.serve.engine import BATCHING, Engine, EngineLimits
 from flora.serve.metrics import ServerMetrics
-from flora.serve.registry import AdapterRegistry
+from flora.serve.registry import AdapterLoadError, AdapterRegistry
+
+logger = logging.getLogger("flora.serve")
+
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "half": torch.float16, "float64": torch.float64, "auto": "auto"}  # fmt: skip
 
 
 @dataclass
 class ServeSettings:
-    """Every setting of ``flora serve`` (see ``flora serve --help``)."""
+    """Every setting of ``flora serve`` (see ``flora serve --help``). ``dtype`` ``auto``: the checkpoint's."""
 
     model: str = "smollm2-135m"
     served_model_name: str | None = None
@@ -40,20 +48,33 @@ class ServeSettings:
     dtype: str = "float32"
     device: str = "cpu"
     strategy: str = "auto"
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+    enable_runtime_lora_updating: bool = False
+    allowed_adapter_paths: list[str] = field(default_factory=list)
+    metrics_prefix: str = "flora"
 
     def check(self) -> None:
         for key in ("max_num_seqs", "max_queue", "max_loaded_adapters"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)}: expected at least 1")
-        for key in ("max_num_batched_tokens", "max_model_len", "adapter_memory_mb"):
+        for key in ("max_num_batched_tokens", "max_model_len", "adapter_memory_mb", "max_loras", "max_lora_rank"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"--{key.replace('_', '-')} {value}: expected a positive number")
         if self.batching not in BATCHING:
             raise ValueError(f"--batching {self.batching!r}: expected one of {', '.join(BATCHING)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if len(self.adapters) > self.max_loaded_adapters:
             raise ValueError(f"{len(self.adapters)} --adapter given but --max-loaded-adapters is "
                              f"{self.max_loaded_adapters}: pinned adapters must fit")  # fmt: skip
+        if self.max_loras is not None and self.max_loras > self.max_loaded_adapters:
+            raise ValueError(f"--max-loras {self.max_loras} is more than --max-cpu-loras (--max-loaded-adapters) "
+                             f"{self.max_loaded_adapters}: a batch's adapters must all be in memory")  # fmt: skip
+        if self.api_key == "":
+            raise ValueError("--api-key: the key is empty (expected a non-empty key, or none to serve without one)")
 
 
 def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> ServerState:
@@ -64,7 +85,7 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
     if model is None:
         base_path = str(resolve_model_dir(settings.model))
         model = AdapterModel.from_pretrained(
-            base_path, dtype=getattr(torch, settings.dtype), device=settings.device, strategy=settings.strategy
+            base_path, dtype=DTYPES[settings.dtype], device=settings.device, strategy=settings.strategy
         )
     if model.tokenizer is None:
         raise ValueError("the server needs the model's tokenizer (AdapterModel(..., tokenizer=...))")
@@ -76,28 +97,41 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
         raise ValueError(f"--max-model-len {max_model_len} is longer than the model's {context} positions")
     base_name = settings.served_model_name or settings.model
     registry = AdapterRegistry(
-        base_name, settings.adapter_dir, settings.max_loaded_adapters, settings.adapter_memory_mb
-    )
+        base_name, settings.adapter_dir, settings.max_loaded_adapters, settings.adapter_memory_mb,
+        allowed_roots=settings.allowed_adapter_paths, max_rank=settings.max_lora_rank,
+    )  # fmt: skip
     limits = EngineLimits(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens or max(max_model_len, 2048),
         max_model_len=max_model_len,
         max_queue=settings.max_queue,
+        max_loras=settings.max_loras,
     )
     tokenizer = model.tokenizer
     eos = model.base_model.generation_config.eos_token_id
     eos_ids = {*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id} - {None}
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(base_name, settings.metrics_prefix, max_model_len)
     engine = Engine(model, registry, limits, metrics, settings.batching, eos_ids, tokenizer.pad_token_id or 0)
+    metrics.track(engine)
     registry.on_change = engine.wake
     engine.start()
     for name, path in settings.adapters.items():
-        version = registry.register(name, path, pinned=True)
+        try:
+            version = registry.register(name, path, pinned=True)
+        except AdapterLoadError as err:
+            engine.stop()
+            raise ValueError(f"--adapter {name}={path}: {err}") from None
         version.settled.wait()
         if version.state == "failed":
             engine.stop()
             raise ValueError(f"--adapter {name}={path}: {version.error}")
-    return ServerState(base_name, base_path, tokenizer, engine, registry, metrics, max_model_len, int(time.time()))
+    if settings.enable_runtime_lora_updating and not registry.roots:
+        logger.warning("runtime adapter loading is on, but no --adapter-dir or --allowed-adapter-paths is given: "
+                       "every /v1/load_lora_adapter is refused")  # fmt: skip
+    return ServerState(
+        base_name, base_path, tokenizer, engine, registry, metrics, max_model_len, int(time.time()),
+        api_key=settings.api_key, runtime_lora_updating=settings.enable_runtime_lora_updating,
+    )  # fmt: skip
 
 
 def serve(settings: ServeSettings) -> None:
