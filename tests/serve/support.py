@@ -48,17 +48,32 @@ class Reference:
         self.tokenizer = tokenizer
         self.model = AdapterModel(tiny_llama(tokenizer), tokenizer)
 
-    def text(self, adapter: str | None, path: str | None, prompt_ids: list[int], tokens: int) -> str:
-        name = None
-        if adapter is not None:
-            name = f"ref-{abs(hash(path))}"
-            if name not in self.model.list_adapters():
-                self.model.load_adapter(path, adapter_name=name)
+    def _name(self, adapter: str | None, path: str | None) -> str | None:
+        if adapter is None:
+            return None
+        name = f"ref-{abs(hash(path))}"
+        if name not in self.model.list_adapters():
+            self.model.load_adapter(path, adapter_name=name)
+        return name
+
+    def ids(self, adapter: str | None, path: str | None, prompt_ids: list[int], tokens: int, **generate) -> list[int]:
+        """The generated token ids; ``generate``: more arguments of `generate` (logits processors ...)."""
         ids = torch.tensor([prompt_ids])
         # no end of sequence: the server's requests set ignore_eos (which generates past it, unlike min_new_tokens)
-        out = self.model.generate(ids, adapter_names=[name], max_new_tokens=tokens, eos_token_id=None,
-                                  do_sample=False)  # fmt: skip
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        options = {"eos_token_id": None} | generate
+        out = self.model.generate(ids, adapter_names=[self._name(adapter, path)], max_new_tokens=tokens,
+                                  do_sample=False, **options)  # fmt: skip
+        return out[0, ids.shape[1] :].tolist()
+
+    def text(self, adapter: str | None, path: str | None, prompt_ids: list[int], tokens: int, **generate) -> str:
+        ids = self.ids(adapter, path, prompt_ids, tokens, **generate)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def logprobs(self, adapter: str | None, path: str | None, ids: list[int]) -> torch.Tensor:
+        """``[len(ids), vocab]``: the log probabilities of the token after each of ``ids``, from one forward."""
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids]), adapter_names=[self._name(adapter, path)]).logits[0]
+        return torch.log_softmax(logits, dim=-1)
 
 
 class LiveServer:

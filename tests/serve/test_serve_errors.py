@@ -3,6 +3,7 @@ the OpenAPI schema holds (schemathesis finds no 5xx)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,6 +15,7 @@ from flora import AdapterModel
 from serve.support import MAX_MODEL_LEN, LiveServer
 
 PROMPT = "add 12 and 30"
+JSON = {"content-type": "application/json"}
 
 
 def _post(server, path: str, **kwargs) -> httpx.Response:
@@ -54,14 +56,26 @@ def test_unknown_model_is_404_listing_what_is_served(server):
         ({"prompt": ""}, "empty"),
         ({"prompt": [1, 2, 10**9]}, "out of range"),
         ({"stop": [""]}, "stop"),
-        ({"n": 2}, "n"),
-        ({"logprobs": 3}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
+        ({"suffix": "and then"}, "suffix"),
+        ({"tools": [{"type": "function"}]}, "tools: this field is not supported"),
+        ({"frobnicate": 1}, "frobnicate: this field is not supported"),
+        ({"temperature": float("nan")}, "finite number"),
+        ({"logit_bias": {"abc": 1}}, "not a token id"),
+        ({"logit_bias": {"5": 500}}, "expected -100 to 100"),
+        ({"stop_token_ids": [10**9]}, "out of range"),
+        ({"prompt": []}, "empty"),
         ({"model": None}, "model"),
     ],
 )
 def test_invalid_completion_requests_are_400(server, body, words):
     request = {"model": "lora4", "prompt": PROMPT, "max_tokens": 4, **body}
-    assert words in _error(_post(server, "/v1/completions", json=request), 400)
+    raw = json.dumps(request).encode()  # Python's json writes NaN as JavaScript does; httpx's json= refuses it
+    assert words in _error(_post(server, "/v1/completions", content=raw, headers=JSON), 400)
     _still_serving(server)
 
 
@@ -76,6 +90,16 @@ def test_malformed_json_and_bad_chat_messages_are_400(server):
     assert "messages" in _error(_post(server, "/v1/chat/completions", json={"model": "lora4", "messages": []}), 400)
     bad_role = {"model": "lora4", "messages": [{"role": "wizard", "content": "hi"}]}
     assert "role" in _error(_post(server, "/v1/chat/completions", json=bad_role), 400)
+    messages = [{"role": "user", "content": "hi"}]
+    for field, value, words in [
+        ("tools", [{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
+        ("tool_choice", "auto", "tool calling is not supported"),
+        ("response_format", {"type": "json_object"}, "'json_object' is not supported"),
+        ("top_logprobs", 2, "needs logprobs"),
+        ("echo", True, "echo: this field is not supported"),
+    ]:
+        chat = {"model": "lora4", "messages": messages, field: value}
+        assert words in _error(_post(server, "/v1/chat/completions", json=chat), 400), field
     _still_serving(server)
 
 

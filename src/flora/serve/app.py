@@ -1,29 +1,34 @@
 """The HTTP API: FastAPI routes with vLLM's paths and OpenAI's request and response shapes.
 
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: ``model`` names the adapter (or the base
-  model); ``stream`` sends server-sent events (``data: {json}`` chunks, then ``data: [DONE]``), with
-  a last chunk holding ``usage`` when ``stream_options.include_usage``; every response has ``usage``.
+  model); a prompt, a list of prompts, or token ids; ``n`` (and ``best_of``) choices each, every one
+  an engine request with its own sampling settings (`flora.serve.logits`, `flora.serve.sampling`);
+  ``logprobs``, ``echo`` (the prompt's log probabilities; ``max_tokens`` 0 scores the prompt only);
+  ``stream`` sends server-sent events (``data: {json}`` chunks, then ``data: [DONE]``), with a last
+  chunk holding ``usage`` when ``stream_options.include_usage``. Text, stop strings and log
+  probabilities of each choice: `flora.serve.completion`.
+- ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's; lm-evaluation-harness
+  uses them as its remote tokenizer).
 - ``GET /v1/models``; ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter`` (off unless
   ``runtime_lora_updating``; paths confined to the registry's roots: 403 otherwise).
 - ``GET /health``, ``GET /metrics`` (Prometheus): open even with an API key (`flora.serve.auth`: 401
   for any other route without ``Authorization: Bearer KEY``).
 
-Errors have OpenAI's shape (`flora.serve.protocol.error_body`): 400 for bad input (validation,
-malformed JSON, a prompt past the context, an adapter that cannot be served), 404 for an unknown
-model, 429 when the queue is full. A client that goes away, streaming or not, frees its slot in the
-batch at once. Requests are tokenized here and detokenized here, incrementally; the engine only
-sees token ids.
+Errors have OpenAI's shape (`flora.serve.protocol.error_body`): 400 for bad input (validation, an
+unsupported or unknown field, malformed JSON, a prompt past the context, an adapter that cannot be
+served), 404 for an unknown model, 413 for a body over ``max_request_bytes`` (`flora.serve.body_limit`),
+429 when the queue is full. Text prompts are tokenized off the event loop, and one that cannot fit the
+context whatever its tokens (more characters than ``max_model_len`` of the longest token hold) is
+refused without being tokenized. A client that goes away, streaming or not, frees its slots in the
+batch at once. The engine only sees token ids.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,12 +39,18 @@ from transformers import PreTrainedTokenizerBase
 
 from flora import __version__
 from flora.serve.auth import APIKeyMiddleware
-from flora.serve.engine import Engine, EngineRequest, Finished, QueueFullError, SamplingParams, Token
+from flora.serve.body_limit import BodyLimitMiddleware
+from flora.serve.completion import Completion
+from flora.serve.engine import Engine, EngineRequest, QueueFullError, SamplingParams
+from flora.serve.logits import LogitsSettings
 from flora.serve.metrics import ServerMetrics
 from flora.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoraAdapterRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     UnloadLoraAdapterRequest,
     error_body,
 )
@@ -54,6 +65,9 @@ from flora.serve.registry import (
 DISCONNECT_POLL_S = 0.25
 RUNTIME_UPDATES_OFF = ("Loading and unloading adapters at run time is off on this server: start it with "
                        "--enable-runtime-lora-updating (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")  # fmt: skip
+
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # 8 MiB: 128 prompts of 2048 tokens of text fit
 
 
 class APIError(Exception):
@@ -78,6 +92,12 @@ class ServerState:
     created: int
     api_key: str | None = None  # every route but /health, /version and /metrics needs it
     runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are on
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body is refused (413) unread
+    max_token_chars: int = 0  # the most characters a token stands for (0: worked out from the tokenizer)
+
+    def __post_init__(self) -> None:
+        if not self.max_token_chars:
+            self.max_token_chars = longest_token_chars(self.tokenizer)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -90,6 +110,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.registry.close()
 
     app = FastAPI(title="flora", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_bytes)
     if state.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
 
@@ -99,8 +120,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(_describe(e) for e in err.errors())
-        return JSONResponse(error_body(400, f"invalid request: {problems}"), status_code=400)
+        errors = err.errors()
+        problems = "; ".join(_describe(e) for e in errors)
+        return JSONResponse(error_body(400, f"invalid request: {problems}", _field(errors[0]) if errors else None),
+                            status_code=400)  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -129,24 +152,41 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        ids = state.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        _check_token_ids(ids, len(state.tokenizer))
-        return await _generate(state, request, body, ids, body.max_tokens, chat=False)
+        prompts = []
+        for prompt in body.prompts():
+            ids = await _tokenize(state, prompt, body.add_special_tokens, "prompt")
+            prompts.append((ids, (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids))
+                            if body.echo else None))  # fmt: skip
+        return await _generate(state, request, body, prompts, body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except ValueError as err:
-            raise APIError(400, str(err), "messages") from None
-        except Exception as err:  # noqa: BLE001  (the template itself rejects the conversation)
-            raise APIError(400, f"messages: the chat template cannot render them ({err})", "messages") from None
-        ids = state.tokenizer(text, add_special_tokens=False).input_ids
-        return await _generate(state, request, body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        ids = await _tokenize(state, _render_chat(state, body), body.add_special_tokens, "messages")
+        return await _generate(state, request, body, [(ids, None)], body.max_completion_tokens or body.max_tokens)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
+        _check_model(state, body.model)
+        if isinstance(body, TokenizeChatRequest):
+            ids = await _tokenize(state, _render_chat(state, body), body.add_special_tokens, "messages")
+        else:
+            ids = await _tokenize(state, body.prompt, body.add_special_tokens, "prompt")
+        strings = state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strings}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tokenizer = state.tokenizer
+        settings = {k: v for k, v in tokenizer.init_kwargs.items() if isinstance(v, str | int | float | bool)}
+        return settings | {"tokenizer_class": type(tokenizer).__name__, "chat_template": tokenizer.chat_template,
+                           "model_max_length": state.max_model_len, "eos_token": tokenizer.eos_token,
+                           "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token}  # fmt: skip
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        _check_model(state, body.model)
+        _check_ids(state, body.tokens, "tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> Response:
@@ -181,9 +221,23 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters one token of ``tokenizer`` decodes to: text of ``c`` characters is at least
+    ``c / longest`` tokens."""
+    return max(len(text) for text in tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
+def _field(error: dict[str, Any]) -> str | None:
+    """The request field a validation error is about (``None`` for the whole body)."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p != "body") or None
+
+
 def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-    return f"{where}: {error.get('msg', 'invalid')}"
+    where = _field(error) or "body"
+    if error.get("type") == "extra_forbidden":
+        return f"{where}: this field is not supported by this server (see the API reference in docs/serving.md)"
+    message = error.get("msg", "invalid").removeprefix("Value error, ")
+    return message if where == "body" else f"{where}: {message}"
 
 
 def _card(name: str, root: str, parent: str | None, created: int, max_model_len: int) -> dict[str, Any]:
@@ -191,55 +245,150 @@ def _card(name: str, root: str, parent: str | None, created: int, max_model_len:
             "max_model_len": max_model_len}  # fmt: skip
 
 
-def _check_token_ids(ids: list[int], vocabulary: int) -> None:
-    if not ids:
-        raise APIError(400, "prompt: the prompt is empty (expected at least one token)", "prompt")
+def _render_chat(state: ServerState, body: ChatCompletionRequest | TokenizeChatRequest) -> str:
+    """``body``'s messages as text, with the tokenizer's chat template."""
+    try:
+        messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
+                    for m in body.messages]  # fmt: skip
+        return state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=body.add_generation_prompt, tokenize=False,
+            continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}),
+        )  # fmt: skip
+    except ValueError as err:
+        raise APIError(400, str(err), "messages") from None
+    except Exception as err:  # noqa: BLE001  (the template itself rejects the conversation)
+        raise APIError(400, f"messages: the chat template cannot render them ({err})", "messages") from None
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    """A 404 unless ``model`` (when given) is served."""
+    if model is not None and model != state.base_name and model not in state.registry.names():
+        shown = model if len(model) <= 100 else f"{model[:100]}..."
+        raise APIError(404, f"The model {shown!r} does not exist.", "model")
+
+
+def _check_ids(state: ServerState, ids: list[int], param: str) -> None:
+    vocabulary = len(state.tokenizer)
     bad = [i for i in ids if not 0 <= i < vocabulary]
     if bad:
-        raise APIError(400, f"prompt: token id {bad[0]} is out of range (expected 0 <= id < {vocabulary})", "prompt")
+        raise APIError(400, f"{param}: token id {bad[0]} is out of range (expected 0 <= id < {vocabulary})", param)
+
+
+async def _tokenize(state: ServerState, prompt: str | list[int], special_tokens: bool, param: str) -> list[int]:
+    """A prompt's token ids (text is tokenized off the event loop), checked: known ids, not empty, and
+    shorter than the context. Text that cannot fit the context whatever it holds (more characters than
+    ``max_model_len`` tokens of the longest token can hold) is refused without tokenizing it."""
+    limit = state.max_model_len
+    if isinstance(prompt, str):
+        if len(prompt) > limit * state.max_token_chars:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                                f"{len(prompt)} characters, more than {limit} tokens can hold (at most "
+                                f"{state.max_token_chars} characters each). Please reduce the length of the input.",
+                           param)  # fmt: skip
+        ids = await asyncio.to_thread(lambda: state.tokenizer(prompt, add_special_tokens=special_tokens).input_ids)
+    else:
+        ids = prompt
+    if not ids:
+        raise APIError(400, f"{param}: the prompt is empty (expected at least one token)", param)
+    _check_ids(state, ids, param)
+    if len(ids) >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                            f"{len(ids)} input tokens. Please reduce the length of the input.", param)  # fmt: skip
+    return ids
 
 
 # -- one generation request ----------------------------------------------------------------------
 
 
 async def _generate(
-    state: ServerState, request: Request, body: CompletionRequest | ChatCompletionRequest, ids: list[int],
-    max_tokens: int | None, chat: bool,
+    state: ServerState, request: Request, body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[tuple[list[int], str | None]], max_tokens: int | None,
 ) -> Response:  # fmt: skip
-    problem = body.unsupported()
-    if problem:
-        raise APIError(400, problem)
+    """Run ``prompts`` (token ids and the text echoed in front of their choices) with ``body``'s
+    settings: ``best_of`` (or ``n``) engine requests each, answered as one response or stream."""
     limit = state.max_model_len
-    if len(ids) >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
-                            f"{len(ids)} input tokens. Please reduce the length of the input.", "prompt")  # fmt: skip
-    if max_tokens is None:
-        max_tokens = limit - len(ids)
-    if len(ids) + max_tokens > limit:
+    longest = max(len(ids) for ids, _ in prompts)
+    if max_tokens is not None and longest + max_tokens > limit:
         message = (f"This model's maximum context length is {limit} tokens. However, you requested "
-                   f"{len(ids) + max_tokens} tokens ({len(ids)} in the input, {max_tokens} in the completion). "
+                   f"{longest + max_tokens} tokens ({longest} in the input, {max_tokens} in the completion). "
                    f"Please reduce the length of the input or of max_tokens.")  # fmt: skip
         raise APIError(400, message, "max_tokens")
-    params = SamplingParams(max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens),
-                            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                            ignore_eos=body.ignore_eos)  # fmt: skip
+    token_fields = {"logit_bias": [int(t) for t in body.logit_bias or {}], "stop_token_ids": body.stop_token_ids or [],
+                    "allowed_token_ids": body.allowed_token_ids or []}  # fmt: skip
+    for field, ids in token_fields.items():
+        _check_ids(state, ids, field)
+    sequences = getattr(body, "best_of", None) or body.n
     adapter = _lease(state, body.model)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Token | Finished] = asyncio.Queue()
-    engine_request = EngineRequest(
-        id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", prompt_ids=ids, params=params, adapter=adapter,
-        emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-    )  # fmt: skip
+    if adapter is not None:
+        for _ in range(len(prompts) * sequences - 1):
+            state.registry.hold(adapter)  # every engine request releases it when it ends
+    base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex}"
+    groups = []
+    for p, (ids, _) in enumerate(prompts):
+        params = sampling_params(body, max_tokens if max_tokens is not None else limit - len(ids), sequences > body.n)
+        groups.append([EngineRequest(id=f"{base}-{p}-{s}", prompt_ids=ids, adapter=adapter, emit=_unset,
+                                     params=replace(params, seed=None if params.seed is None else params.seed + s))
+                       for s in range(sequences)])  # fmt: skip
+    completion = Completion(base, body, state.tokenizer, groups, [echo for _, echo in prompts], state.engine.abort)
     try:
-        state.engine.submit(engine_request)
+        state.engine.submit(*[r for group in groups for r in group])
     except QueueFullError as err:
         if adapter is not None:
-            state.registry.release(adapter)
+            for _ in range(len(prompts) * sequences):
+                state.registry.release(adapter)
         raise APIError(429, str(err)) from None
-    stream = _Completion(state, engine_request, events, body, chat)
     if body.stream:
-        return StreamingResponse(stream.sse(), media_type="text/event-stream")
-    return await stream.whole(request)
+        return StreamingResponse(completion.sse(), media_type="text/event-stream")
+    return await _whole(completion, request)
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, ranked: bool) -> SamplingParams:
+    """The engine's settings of one sequence of ``body`` (``ranked``: its log probability is needed to
+    rank ``best_of`` sequences even when the client asked for none)."""
+    if isinstance(body, ChatCompletionRequest):
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = None
+    else:
+        logprobs = body.logprobs
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    if ranked and logprobs is None:
+        logprobs = 0
+    logits = LogitsSettings(
+        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+        allowed_token_ids=tuple(body.allowed_token_ids) if body.allowed_token_ids else None,
+        min_tokens=min(body.min_tokens, max_tokens), repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+    )  # fmt: skip
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+        min_p=body.min_p, seed=body.seed, logits=logits, stop_token_ids=frozenset(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+    )  # fmt: skip
+
+
+def _unset(event) -> None:
+    raise AssertionError("an engine request's emit is set by its Completion")
+
+
+async def _whole(completion: Completion, http_request: Request) -> Response:
+    """The complete response, or nothing if the client went away first (its requests are aborted)."""
+
+    async def gone() -> None:
+        while not await http_request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    answer, gone_task = asyncio.create_task(completion.whole()), asyncio.create_task(gone())
+    try:
+        await asyncio.wait({answer, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone_task.cancel()
+    if not answer.done():
+        answer.cancel()
+        completion.abort_unfinished()
+        return Response(status_code=499)
+    if completion.error is not None:
+        raise APIError(500, completion.error)
+    return JSONResponse(answer.result())
 
 
 def _lease(state: ServerState, model: str) -> AdapterVersion | None:
@@ -253,129 +402,3 @@ def _lease(state: ServerState, model: str) -> AdapterVersion | None:
         raise APIError(403, str(err), "model") from None
     except AdapterLoadError as err:
         raise APIError(400, str(err), "model") from None
-
-
-class _Completion:
-    """The events of one engine request turned into text, chunks and a response."""
-
-    def __init__(self, state: ServerState, engine_request: EngineRequest, events: asyncio.Queue,
-                 body: CompletionRequest | ChatCompletionRequest, chat: bool) -> None:  # fmt: skip
-        self.state, self.request, self.events, self.body, self.chat = state, engine_request, events, body, chat
-        self.created = int(time.time())
-        self.tokens: list[int] = []
-        self.text = ""  # text delivered so far
-        self.finish: str | None = None
-        self.error: str | None = None
-
-    async def next_delta(self) -> str | None:
-        """The next piece of text (``None`` once finished): tokens are decoded incrementally and stop
-        strings cut the text (and end the request)."""
-        while self.finish is None:
-            event = await self.events.get()
-            if isinstance(event, Finished):
-                self.finish, self.error = event.reason, event.message
-                if event.reason == "error":
-                    return None
-                return self._flush(final=True)
-            self.tokens.append(event.token_id)
-            delta = self._flush(final=False)
-            if delta:
-                return delta
-        return None
-
-    def _flush(self, final: bool) -> str:
-        text = self.state.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return ""  # an incomplete multi-byte character: wait for the next token
-        for stop in self.body.stop:
-            at = text.find(stop, max(0, len(self.text) - len(stop)))
-            if at != -1:
-                text = text[:at]
-                if self.finish is None:
-                    self.finish = "stop"
-                    self.state.engine.abort(self.request.id)
-                break
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-    @property
-    def usage(self) -> dict[str, int]:
-        prompt, completion = len(self.request.prompt_ids), len(self.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _chunk(self, delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            message: dict[str, Any] = {"role": "assistant"} if role else {}
-            if delta is not None:
-                message["content"] = delta
-            choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            kind = "text_completion"
-        return {"id": self.request.id, "object": kind, "created": self.created, "model": self.body.model,
-                "choices": [choice]}  # fmt: skip
-
-    async def sse(self) -> AsyncIterator[str]:
-        """Server-sent events; a client that disconnects (the response task is cancelled) aborts it."""
-        try:
-            if self.chat:
-                yield _event(self._chunk("", None, role=True))
-            while (delta := await self.next_delta()) is not None:
-                if delta:
-                    yield _event(self._chunk(delta, None))
-                if self.finish is not None:
-                    break
-            if self.finish == "error":
-                yield _event(error_body(500, self.error or "generation failed"))
-            else:
-                yield _event(self._chunk("" if not self.chat else None, self.finish))
-                options = self.body.stream_options
-                if options is not None and options.include_usage:
-                    usage = {**self._chunk(None, None), "choices": [], "usage": self.usage}
-                    yield _event(usage)
-            yield "data: [DONE]\n\n"
-        finally:
-            if self.finish is None:
-                self.state.engine.abort(self.request.id)
-
-    async def whole(self, http_request: Request) -> Response:
-        """The complete response, or nothing if the client went away first (the request is aborted)."""
-
-        async def collect() -> str:
-            parts = []
-            while (delta := await self.next_delta()) is not None:
-                parts.append(delta)
-                if self.finish is not None:
-                    break
-            return "".join(parts)
-
-        async def gone() -> None:
-            while not await http_request.is_disconnected():
-                await asyncio.sleep(DISCONNECT_POLL_S)
-
-        text_task, gone_task = asyncio.create_task(collect()), asyncio.create_task(gone())
-        try:
-            await asyncio.wait({text_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone_task.cancel()
-        if not text_task.done():
-            text_task.cancel()
-            self.state.engine.abort(self.request.id)
-            return Response(status_code=499)
-        text = text_task.result()
-        if self.finish == "error":
-            raise APIError(500, self.error or "generation failed")
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": self.finish}  # fmt: skip
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish}
-            kind = "text_completion"
-        return JSONResponse({"id": self.request.id, "object": kind, "created": self.created, "model": self.body.model,
-                             "choices": [choice], "usage": self.usage})  # fmt: skip
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from flora.base import CACHE_KEY
 from flora.model import AdapterModel
+from flora.serve.logits import LogitsSettings, RowHistory, TokenLogprob, adjust_logits, chosen_logprobs
 from flora.serve.metrics import ServerMetrics
 from flora.serve.registry import AdapterRegistry, AdapterVersion
 from flora.serve.sampling import next_tokens
@@ -57,6 +58,9 @@ BATCHING = ("continuous", "static", "one-adapter")
 # runs every layer's Python whatever its length. SmolLM2-135M on 2 CPU cores: ~45 ms for a 4-token
 # prompt, ~0.7 ms per further token (with LoRA adapters: ~65 ms and ~0.8 ms).
 FORWARD_COST_TOKENS = 48
+# Token-rows times vocabulary of one forward that keeps every prompt position's logits (for prompt
+# log probabilities): 2^26 float32 logits, 256 MiB (SmolLM2: 1365 token-rows).
+PROMPT_LOGITS_TOKENS = 2**26
 
 
 class QueueFullError(RuntimeError):
@@ -65,29 +69,52 @@ class QueueFullError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How a request's tokens are chosen and when it ends."""
+    """How a request's tokens are chosen, what is reported of them and when it ends.
+
+    ``logprobs``: report each generated token's log probability and those of its ``logprobs`` likeliest
+    alternatives (``None``: nothing); ``prompt_logprobs``: the same for every prompt token but the
+    first. ``max_tokens`` 0 scores the prompt only (with ``prompt_logprobs``)."""
 
     max_tokens: int
-    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
+    logits: LogitsSettings = LogitsSettings()
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class Token:
-    """A generated token."""
-
-    token_id: int
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
 class Finished:
-    """The request ended: ``reason`` is ``stop``, ``length``, ``abort`` or ``error`` (``message`` says why)."""
+    """The request ended: ``reason`` is ``stop``, ``length``, ``abort`` or ``error`` (``message`` says
+    why). ``stop_reason``: the stop string or stop token id that ended it (``None`` for end of
+    sequence). ``by_token``: its last token ended it (end of sequence or a stop token) and is not
+    part of its text."""
 
     reason: str
     message: str | None = None
+    stop_reason: int | str | None = None
+    by_token: bool = False
+
+
+@dataclass(frozen=True)
+class Token:
+    """A generated token, its log probabilities when asked for, and ``finish`` when it was the last."""
+
+    token_id: int
+    logprob: TokenLogprob | None = None
+    finish: Finished | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Per prompt token, its log probability given the ones before (``None`` for the first)."""
+
+    entries: tuple[TokenLogprob | None, ...]
 
 
 @dataclass(eq=False)
@@ -98,7 +125,7 @@ class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterVersion | None
-    emit: Callable[[Token | Finished], None]
+    emit: Callable[[Token | PromptLogprobs | Finished], None]
     arrival: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
     seed: int = 0
@@ -148,7 +175,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids or set()
         self.pad_token_id = pad_token_id
         self._inbox: deque[EngineRequest] = deque()
-        self._aborts: set[str] = set()
+        self._aborts: dict[str, Finished] = {}
         self._wakeup = threading.Condition()
         self._seeds = itertools.count(0x5EED)
         self._thread: threading.Thread | None = None
@@ -157,8 +184,9 @@ class Engine:
         self.running: list[EngineRequest] = []
         self._cache = SlotCache()
         self._routing = None  # the running rows' routing; None: to be made (`_decode`)
-        self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), "temperature", "top_p"
+        self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), sampling settings
         self._tokens: Tensor | None = None  # [rows]: each running row's last token
+        self._vocabulary = model.base_model.get_output_embeddings().weight.shape[0]
 
     # -- any thread ----------------------------------------------------------------------------
 
@@ -173,24 +201,26 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def submit(self, request: EngineRequest) -> None:
-        """Queue ``request``; `QueueFullError` when ``max_queue`` requests already wait."""
+    def submit(self, *requests: EngineRequest) -> None:
+        """Queue ``requests`` (all or none: `QueueFullError` when ``max_queue`` would be passed)."""
         with self._wakeup:
-            if len(self._inbox) + len(self.waiting) >= self.limits.max_queue:
+            if len(self._inbox) + len(self.waiting) + len(requests) > self.limits.max_queue:
                 raise QueueFullError(
                     f"the server is at capacity: {self.limits.max_queue} requests are already waiting (--max-queue)"
                 )
-            if request.params.seed is None:
-                request.seed = next(self._seeds) * 7919 + int(time.time_ns() % 1_000_003)
-            else:
-                request.seed = request.params.seed
-            self._inbox.append(request)
+            for request in requests:
+                if request.params.seed is None:
+                    request.seed = next(self._seeds) * 7919 + int(time.time_ns() % 1_000_003)
+                else:
+                    request.seed = request.params.seed
+                self._inbox.append(request)
             self._wakeup.notify()
 
-    def abort(self, request_id: str) -> None:
-        """End ``request_id`` at the next step boundary (its slot is freed; it gets ``Finished("abort")``)."""
+    def abort(self, request_id: str, finish: Finished = Finished("abort")) -> None:
+        """End ``request_id`` at the next step boundary: its slot is freed, and it is counted and
+        logged as ``finish`` (a client gone: ``abort``; a stop string seen: ``stop``)."""
         with self._wakeup:
-            self._aborts.add(request_id)
+            self._aborts.setdefault(request_id, finish)
             self._wakeup.notify()
 
     def wake(self) -> None:
@@ -213,7 +243,7 @@ class Engine:
                     break
                 self.waiting.extend(self._inbox)
                 self._inbox.clear()
-                aborts, self._aborts = self._aborts, set()
+                aborts, self._aborts = self._aborts, {}
             try:
                 with torch.inference_mode():
                     self._step(aborts)
@@ -225,22 +255,25 @@ class Engine:
         for request in self.running + self.waiting + list(self._inbox):
             self._finish(request, Finished("abort", "the server is shutting down"))
 
-    def _step(self, aborts: set[str]) -> None:
+    def _step(self, aborts: dict[str, Finished]) -> None:
         if self.registry.apply(self.model):
             self._routing = None  # adapters changed: per-routing work is redone
         for request in [r for r in self.waiting if r.id in aborts]:
             self.waiting.remove(request)
-            self._finish(request, Finished("abort"))
+            self._finish(request, aborts[request.id])
         for request in [r for r in self.waiting if r.adapter is not None and r.adapter.state == "failed"]:
             self.waiting.remove(request)
             self._finish(request, Finished("error", request.adapter.error))
         if aborts and any(r.id in aborts for r in self.running):
             for request in self.running:
                 if request.id in aborts:
-                    self._finish(request, Finished("abort"))
+                    self._finish(request, aborts[request.id])
             self._keep([row for row, r in enumerate(self.running) if r.id not in aborts])
-        for group in prefill_groups(self._admit()):
-            self._prefill(group)
+        admitted = self._admit()
+        for scoring in (False, True):  # prompts whose every position's logits are kept forward apart
+            kind = [r for r in admitted if (r.params.prompt_logprobs is not None) is scoring]
+            for group in prefill_groups(kind, PROMPT_LOGITS_TOKENS // self._vocabulary if scoring else None):
+                self._prefill(group, every_position=scoring)
         if self.running:
             self._decode()
         self.metrics.set_queue(running=len(self.running), waiting=self.queued)
@@ -282,8 +315,10 @@ class Engine:
         self.waiting = [r for r in self.waiting if id(r) not in taken]
         return admitted
 
-    def _prefill(self, requests: list[EngineRequest]) -> None:
-        """One forward over the new requests' prompts; their caches join the running batch."""
+    def _prefill(self, requests: list[EngineRequest], every_position: bool) -> None:
+        """One forward over the new requests' prompts; their caches join the running batch, but for
+        requests that only score their prompt (``max_tokens`` 0). With ``every_position`` the logits
+        of every prompt position are kept and each request's prompt log probabilities delivered."""
         model, device = self.model, self.model.device
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
@@ -296,14 +331,33 @@ class Engine:
         routing = model.routing(names, carry=True)
         output = model(
             ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-            adapter_names=names if routing is None else routing, use_cache=True, logits_to_keep=1,
+            adapter_names=names if routing is None else routing, use_cache=True,
+            logits_to_keep=0 if every_position else 1,
         )  # fmt: skip
+        if every_position:
+            for row, request in enumerate(requests):
+                request.emit(prompt_logprobs(output.logits[row], request.prompt_ids, request.params.prompt_logprobs))
+        for request in requests:
+            self.metrics.prompt_tokens(request)
+        joining = [row for row, r in enumerate(requests) if r.params.max_tokens > 0]
+        for request in requests:
+            if request.params.max_tokens == 0:
+                self._finish(request, Finished("length"))
+        if not joining:
+            return
         layout = model.virtual_token_layout(routing)
         shift = torch.zeros(len(requests), dtype=torch.long, device=device)
         if layout is not None:
             virtual_mask, shift = layout
             mask = torch.cat([virtual_mask, mask], dim=1)
-        self._cache.admit(getattr(output, CACHE_KEY), mask)
+        cache = getattr(output, CACHE_KEY)
+        logits = output.logits[:, -1]
+        if len(joining) < len(requests):
+            index = torch.tensor(joining, device=device)
+            cache.batch_select_indices(index)
+            mask, shift, logits = mask[index], shift[index], logits[index]
+            requests = [requests[row] for row in joining]
+        self._cache.admit(cache, mask)
         self.running.extend(requests)
         self._routing = None
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
@@ -312,13 +366,13 @@ class Engine:
             "position": shift + lengths,
             "temperature": torch.tensor([p.temperature for p in params], device=device),
             "top_p": torch.tensor([p.top_p for p in params], device=device),
+            "top_k": torch.tensor([p.top_k for p in params], device=device),
+            "min_p": torch.tensor([p.min_p for p in params], device=device),
         }
         self._rows = {
             key: torch.cat([self._rows[key], value]) if self._rows else value for key, value in new_rows.items()
         }
-        for request in requests:
-            self.metrics.prompt_tokens(request)
-        self._sample(output.logits[:, -1], first_row=len(self.running) - len(requests))
+        self._sample(logits, first_row=len(self.running) - len(requests))
 
     def _decode(self) -> None:
         """One token for every running row."""
@@ -335,32 +389,54 @@ class Engine:
         self._sample(output.logits[:, -1], first_row=0)
 
     def _sample(self, logits: Tensor, first_row: int) -> None:
-        """Choose the next token of running rows ``first_row..``, deliver it, and retire finished rows."""
+        """Choose the next token of running rows ``first_row..`` from their logits ``[rows, vocab]``,
+        deliver it, and retire finished rows."""
         requests = self.running[first_row:]
         rows = slice(first_row, None)
+        changed = adjust_logits(
+            logits, [r.params.logits for r in requests], [RowHistory(r.prompt_ids, r.generated) for r in requests],
+            [self._stop_ids(r) for r in requests],
+        )  # fmt: skip
         tokens = next_tokens(
-            logits, self._rows["temperature"][rows], self._rows["top_p"][rows],
+            changed, self._rows["temperature"][rows], self._rows["top_p"][rows],
             [r.seed for r in requests], [len(r.generated) for r in requests],
+            self._rows["top_k"][rows], self._rows["min_p"][rows],
         )  # fmt: skip
         self._tokens = tokens if first_row == 0 else torch.cat([self._tokens[:first_row], tokens])
+        reported = [offset for offset, r in enumerate(requests) if r.params.logprobs is not None]
+        logprobs: dict[int, TokenLogprob] = {}
+        if reported:
+            index = torch.tensor(reported, device=logits.device)
+            values = chosen_logprobs(logits.index_select(0, index), tokens.index_select(0, index),
+                                     [requests[offset].params.logprobs for offset in reported])  # fmt: skip
+            logprobs = dict(zip(reported, values, strict=True))
         now = time.monotonic()
         finished: dict[int, Finished] = {}
         for offset, (request, token_id) in enumerate(zip(requests, tokens.tolist(), strict=True)):
             request.generated.append(token_id)
             self.metrics.token(request, now)
-            request.emit(Token(token_id))
             done = self._finish_reason(request, token_id)
+            request.emit(Token(token_id, logprobs.get(offset), done))
             if done is not None:
                 finished[first_row + offset] = done
         if finished:
             for row, done in finished.items():
-                self._finish(self.running[row], done)
+                self._finish(self.running[row], done, emit=False)
             self._keep([row for row in range(len(self.running)) if row not in finished])
+
+    def _stop_ids(self, request: EngineRequest) -> frozenset[int]:
+        """The tokens that would end ``request``: its stop tokens, and end of sequence unless ignored."""
+        if request.params.ignore_eos:
+            return request.params.stop_token_ids
+        return request.params.stop_token_ids | self.eos_token_ids
 
     def _finish_reason(self, request: EngineRequest, token_id: int) -> Finished | None:
         count = len(request.generated)
-        if token_id in self.eos_token_ids and not request.params.ignore_eos and count >= request.params.min_tokens:
-            return Finished("stop")
+        if count >= request.params.logits.min_tokens:
+            if token_id in self.eos_token_ids and not request.params.ignore_eos:
+                return Finished("stop", by_token=True)
+            if token_id in request.params.stop_token_ids:
+                return Finished("stop", stop_reason=token_id, by_token=True)
         if count >= request.params.max_tokens or len(request.prompt_ids) + count >= self.limits.max_model_len:
             return Finished("length")
         return None
@@ -375,7 +451,8 @@ class Engine:
         self._tokens = self._tokens.index_select(0, index)
         self._routing = None
 
-    def _finish(self, request: EngineRequest, event: Finished) -> None:
+    def _finish(self, request: EngineRequest, event: Finished, emit: bool = True) -> None:
+        """``request`` ends with ``event`` (counted, logged, and sent unless its last token carried it)."""
         if request.adapter is not None:
             self.registry.release(request.adapter)
         seconds = time.monotonic() - request.arrival
@@ -385,21 +462,26 @@ class Engine:
             request.id, request.adapter_name or "(base)", len(request.prompt_ids), len(request.generated), seconds,
             event.reason, f" ({event.message})" if event.message else "",
         )  # fmt: skip
-        request.emit(event)
+        if emit:
+            request.emit(event)
 
 
-def prefill_groups(requests: list[EngineRequest]) -> list[list[EngineRequest]]:
+def prefill_groups(requests: list[EngineRequest], max_token_rows: int | None = None) -> list[list[EngineRequest]]:
     """``requests`` split into prefill forwards of similar prompt length. A forward left-pads its
     prompts to the longest, so prompts of 16 and 128 tokens together compute 256 token-rows for
     144; each forward also costs `FORWARD_COST_TOKENS`. The split minimises ``Σ (FORWARD_COST_TOKENS
     + longest · count)`` over groups of consecutive requests by length (dynamic programming,
-    ``O(n²)`` for ``n <= max_num_seqs``)."""
+    ``O(n²)`` for ``n <= max_num_seqs``), with ``longest · count <= max_token_rows`` for groups of
+    more than one request when given."""
     ordered = sorted(requests, key=lambda r: len(r.prompt_ids))
     lengths = [len(r.prompt_ids) for r in ordered]
     best, start = [0.0] + [float("inf")] * len(ordered), [0] * (len(ordered) + 1)
     for stop in range(1, len(ordered) + 1):  # best[stop]: the first ``stop`` requests; last group from start[stop]
         for first in range(stop):
-            cost = best[first] + FORWARD_COST_TOKENS + lengths[stop - 1] * (stop - first)
+            token_rows = lengths[stop - 1] * (stop - first)
+            if max_token_rows is not None and stop - first > 1 and token_rows > max_token_rows:
+                continue
+            cost = best[first] + FORWARD_COST_TOKENS + token_rows
             if cost < best[stop]:
                 best[stop], start[stop] = cost, first
     groups, stop = [], len(ordered)
@@ -418,3 +500,14 @@ def slot_order(rows: list[int]) -> list[int]:
     staying = set(rows)
     movers = iter(row for row in rows if row >= len(rows))
     return [slot if slot in staying else next(movers) for slot in range(len(rows))]
+
+
+def prompt_logprobs(logits: Tensor, prompt_ids: list[int], top: int) -> PromptLogprobs:
+    """A prompt's log probabilities from its row of a forward's logits ``[positions, vocab]`` (the
+    prompt's tokens last: left padding and virtual tokens come before them)."""
+    length = len(prompt_ids)
+    if length == 1:
+        return PromptLogprobs((None,))
+    following = torch.tensor(prompt_ids[1:], device=logits.device)
+    values = chosen_logprobs(logits[-length:-1], following, [top] * (length - 1))
+    return PromptLogprobs((None, *values))

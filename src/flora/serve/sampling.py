@@ -1,12 +1,18 @@
-"""Choosing each row's next token: greedy, or sampled with its own temperature, top-p and seed.
+"""Choosing each row's next token: greedy, or sampled with its own temperature, top-k, min-p,
+top-p and seed.
 
-For logits ``z: [rows, vocab]`` and a row with temperature ``T > 0`` and nucleus mass ``p``:
+For logits ``z: [rows, vocab]`` (already changed by the row's penalties and biases,
+`flora.serve.logits`) and a row with temperature ``T > 0``, ``top_k`` k, ``min_p`` m and nucleus mass ``p``:
 
-    π = softmax(z / T),   sorted descending: π_(1) >= π_(2) >= ...
+    π = softmax(z / T)
+    π_v = 0  unless v is among the k likeliest (ties kept; k = 0: all) and π_v >= m · max π,
+    π = π / Σ π,   sorted descending: π_(1) >= π_(2) >= ...
     keep the shortest prefix whose mass reaches p  (the first token always),
     next = the token at which the kept mass's running sum first exceeds u · Σ kept,
 
-with ``u`` uniform in [0, 1) (inverse-CDF sampling, one draw per row and step). With ``p = 1``
+with ``u`` uniform in [0, 1) (inverse-CDF sampling, one draw per row and step); top-k and min-p
+come before top-p, as in vLLM (transformers' `TopKLogitsWarper` and `MinPLogitsWarper` keep the
+same tokens). With ``p = 1``
 (the OpenAI default) every token is kept and no order is needed: the running sum is taken in
 vocabulary order, the same distribution without sorting the vocabulary. Rows with ``p < 1`` are
 ranked apart from those, and only as far as their likeliest tokens hold the nucleus
@@ -39,20 +45,22 @@ def uniform(seed: int, step: int) -> float:
 
 
 def next_tokens(
-    logits: Tensor, temperature: Tensor, top_p: Tensor, seeds: Sequence[int], steps: Sequence[int]
-) -> Tensor:
+    logits: Tensor, temperature: Tensor, top_p: Tensor, seeds: Sequence[int], steps: Sequence[int],
+    top_k: Tensor | None = None, min_p: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """``[rows]`` token ids for ``logits: [rows, vocab]``.
 
     Args:
         temperature, top_p: ``[rows]`` (temperature 0: greedy).
         seeds, steps: per row, the request's seed and how many tokens it has generated.
+        top_k, min_p: ``[rows]`` (0: off); ``None``: off for every row.
     """
     is_sampled = temperature > 0
     if not bool(is_sampled.any()):
         return logits.argmax(dim=-1)
     sampled = None if bool(is_sampled.all()) else is_sampled.nonzero().flatten()  # None: every row
     scaled = _rows(logits, sampled).float() / _rows(temperature, sampled).float().unsqueeze(1)
-    probs = torch.softmax(scaled, dim=-1)
+    probs = _likeliest(torch.softmax(scaled, dim=-1), _rows(top_k, sampled), _rows(min_p, sampled))
     indices = range(logits.shape[0]) if sampled is None else sampled.tolist()
     draws = torch.tensor([uniform(seeds[i], steps[i]) for i in indices], dtype=probs.dtype).to(probs.device)
     nucleus = _rows(top_p, sampled).float()
@@ -72,6 +80,24 @@ def next_tokens(
     chosen = logits.argmax(dim=-1)
     chosen[sampled] = tokens
     return chosen
+
+
+def _likeliest(probs: Tensor, top_k: Tensor | None, min_p: Tensor | None) -> Tensor:
+    """``probs [rows, vocab]`` with each row's tokens outside its ``top_k`` likeliest (ties kept) or
+    below ``min_p`` times its likeliest token's probability zeroed, renormalised (unchanged, not
+    copied, when no row asks for either)."""
+    keep = None
+    if top_k is not None and bool((top_k > 0).any()):
+        k = top_k.clamp(min=0, max=probs.shape[-1])
+        kth = probs.topk(int(k.max()), dim=-1).values.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
+        keep = (probs >= kth) | (k == 0).unsqueeze(1)
+    if min_p is not None and bool((min_p > 0).any()):
+        above = probs >= min_p.to(probs.dtype).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        keep = above if keep is None else keep & above
+    if keep is None:
+        return probs
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def _nucleus_tokens(probs: Tensor, nucleus: Tensor, draws: Tensor) -> Tensor:
@@ -105,9 +131,9 @@ def _ranked_tokens(ranked: Tensor, order: Tensor, nucleus: Tensor, draws: Tensor
     return order.gather(1, _inverse_cdf(kept, draws).unsqueeze(1)).squeeze(1)
 
 
-def _rows(values: Tensor, index: Tensor | None) -> Tensor:
+def _rows(values: Tensor | None, index: Tensor | None) -> Tensor | None:
     """``values``' rows at ``index`` (all of them for ``None``, without a copy)."""
-    return values if index is None else values.index_select(0, index)
+    return values if index is None or values is None else values.index_select(0, index)
 
 
 def _inverse_cdf(probs: Tensor, draws: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from flora.base import resolve_model_dir
 from flora.model import AdapterModel
-from flora.serve.app import ServerState, create_app
+from flora.serve.app import DEFAULT_MAX_REQUEST_BYTES, ServerState, create_app
 from flora.serve.engine import BATCHING, Engine, EngineLimits
 from flora.serve.metrics import ServerMetrics
 from flora.serve.registry import AdapterLoadError, AdapterRegistry
@@ -54,9 +54,10 @@ class ServeSettings:
     enable_runtime_lora_updating: bool = False
     allowed_adapter_paths: list[str] = field(default_factory=list)
     metrics_prefix: str = "flora"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def check(self) -> None:
-        for key in ("max_num_seqs", "max_queue", "max_loaded_adapters"):
+        for key in ("max_num_seqs", "max_queue", "max_loaded_adapters", "max_request_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)}: expected at least 1")
         for key in ("max_num_batched_tokens", "max_model_len", "adapter_memory_mb", "max_loras", "max_lora_rank"):
@@ -131,6 +132,7 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
     return ServerState(
         base_name, base_path, tokenizer, engine, registry, metrics, max_model_len, int(time.time()),
         api_key=settings.api_key, runtime_lora_updating=settings.enable_runtime_lora_updating,
+        max_request_bytes=settings.max_request_bytes,
     )  # fmt: skip
 
 
