@@ -66,6 +66,8 @@ def add_parser(subparsers) -> None:
     )
     e.add_argument("--max-model-len", type=int, help="prompt + completion tokens at most (default: the model's)")
     e.add_argument("--max-queue", type=int, default=1024, help="waiting requests at most; past it: 429 (default: 1024)")
+    e.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
+                   help="a request body larger than this is refused unread: 413 (default: 8388608, 8 MiB)")  # fmt: skip
     e.add_argument("--batching", choices=("continuous", "static", "one-adapter"), default="continuous",
                    help="continuous (default); static and one-adapter are baselines for benchmarks")  # fmt: skip
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64", "auto", "half", "float"),
@@ -122,7 +124,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os
         model=args.model, served_model_name=args.served_model_name, adapters=adapters, adapter_dir=args.adapter_dir,
         host=args.host, port=args.port, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
+        max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
+        max_loaded_adapters=args.max_loaded_adapters,
         adapter_memory_mb=args.adapter_memory_mb, batching=args.batching, dtype=args.dtype, device=args.device,
         strategy=args.strategy, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, api_key=api_key,
         enable_runtime_lora_updating=args.enable_runtime_lora_updating or runtime,
