@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     command = (sys.executable, "-m", "flora", "serve", "--model", args.model, "--port", "{port}", "--host", "127.0.0.1")
-    server = Server(ServerSpec("flora", command), REPO / "benchmarks" / "results" / "logs" / "serve_big_requests.log")
+    server = Server(ServerSpec("flora", command), REPO / "runs" / "serve_big_requests.log")
     with server as url:
         pid = server.process.pid
         warm = {"model": args.model, "prompt": "Hello", "max_tokens": 4}
