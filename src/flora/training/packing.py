@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
@@ -53,6 +52,7 @@ from flora.model import AdapterModel
 from flora.training.config import TrainConfig
 from flora.training.data import encode_training_examples, resolve_job_data
 from flora.training.hyperparameters import FULL
+from flora.training.response_loss import response_losses
 from flora.training.run import training_arguments
 from flora.training.trainer import FloraTrainer
 
@@ -202,20 +202,9 @@ class PackedTrainer(FloraTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         members = inputs.pop("members")
         labels = inputs.pop("labels")
-        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         virtual = self._adapter_model().virtual_tokens
-        if any(name is not None and virtual.holds(name) for name in set(inputs.get("adapter_names") or ())):
-            outputs = model(**inputs, use_cache=False)
-        else:  # logits only where some row has a label: the output layer is a third of a small model's work
-            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-            targets = targets[:, keep]
-        logits = outputs.logits.float()
-        targets = targets.to(logits.device)
-        per_token = F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        per_row = per_token.view(targets.shape).sum(dim=1)
+        uses_virtual = any(name is not None and virtual.holds(name) for name in set(inputs.get("adapter_names") or ()))
+        per_row, _, outputs = response_losses(model, inputs, labels, uses_virtual)
         loss = per_row.new_zeros(())
         for key in dict.fromkeys(members):
             rows = torch.tensor([i for i, m in enumerate(members) if m == key], device=per_row.device)
@@ -264,13 +253,18 @@ class PackedTrainer(FloraTrainer):
 
 
 class _PackCallback(TrainerCallback):
-    """Per step: member losses and NaN drops (before the update), then ``on_step`` and the evaluations."""
+    """Per step: member losses and NaN drops (before the update), then ``on_step`` and the evaluations
+    (step 0, when asked for: before the first step)."""
 
     def __init__(self, eval_steps: Collection[int], on_evaluate, on_step) -> None:
         self.trainer: PackedTrainer | None = None
         self.eval_steps = set(eval_steps)
         self.on_evaluate = on_evaluate
         self.on_step = on_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.on_evaluate is not None and 0 in self.eval_steps:  # the adapters as initialised
+            self.on_evaluate(0, sorted(self.trainer.active))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.finish_step(state.global_step + 1)
@@ -307,8 +301,8 @@ def train_packed(
         micro_batch_size: rows per forward pass over the whole pack (None: a step's rows at once).
         model: the base model to add the adapters to (default: ``members``' model, loaded).
         eval_steps, on_evaluate: after each of these optimizer steps (or of ``eval_steps(steps)``,
-            given the pack's number of steps), ``on_evaluate(step, keys)`` with the keys of the
-            members still training (the model holds their weights of that step).
+            given the pack's number of steps; 0: before the first), ``on_evaluate(step, keys)``
+            with the keys of the members still training (the model holds their weights of that step).
         on_step: after every optimizer step, ``on_step(step, steps, {key: its loss})`` (active members).
         progress: Trainer's progress bar.
 
