@@ -14,8 +14,10 @@ from study.support import FAST
 MINIMAL = """
 name = "bad"
 [data]
-tasks = ["reverse_words"]
+tasks = ["reverse_words", "add_numbers"]
 test_tasks = ["delete_word"]
+validation_tasks = 1
+validation_task_instances = 1
 train_instances = 4
 validation_instances = 1
 seen_instances = 1
@@ -47,14 +49,17 @@ def test_every_builtin_spec_loads_with_every_profile():
         assert load_spec(name).profile == "smoke"  # the default: minutes, not days
 
 
-def test_the_smoke_plan_packs_adapter_trials_together_and_full_fine_tuning_alone():
+def test_the_smoke_plan_packs_adapter_trials_together_and_full_fine_tuning_and_zero_shot_alone():
     spec = load_spec("peft-instruction", "smoke")
     trials = plan_trials(spec, load_study_data(spec.data))
-    assert len(trials) == 5 and len({t.id for t in trials}) == 5
-    shared = next(t for t in trials if t.method == "lora" and t.learning_rate == 1e-3 and t.num_tasks == 4)
-    assert shared.experiments == ("learning-rate", "num-tasks")  # one trial, two experiments
+    assert len(trials) == 7 and len({t.id for t in trials}) == 7
+    assert trials[0].zero_shot and trials[0].experiments == () and trials[0].num_tasks == 4
+    shared = next(t for t in trials if t.method == "lora" and t.learning_rate == 1e-3 and t.num_tasks == 4
+                  and t.size == 4)  # fmt: skip
+    assert shared.experiments == ("learning-rate", "size", "num-tasks")  # one trial, three experiments
     packs = plan_packs(trials, spec)
-    assert [sorted(t.method for t in p.trials) for p in packs] == [["ia3", "lora", "lora", "lora"], ["full"]]
+    assert [sorted(t.method for t in p.trials) for p in packs] == [
+        ["zero_shot"], ["ia3", "lora", "lora", "lora", "lora"], ["full"]]  # fmt: skip
     assert shared.config["settings"]["r"] == 4 and shared.config["settings"]["alpha"] == 4.0  # alpha follows r
     assert plan_trials(spec, load_study_data(spec.data))[0].id == trials[0].id  # ids are stable
 
@@ -102,6 +107,51 @@ def test_bad_data_is_refused_before_anything_runs(tmp_path, capsys, tiny_dir):
     assert main(["study", "run", "no-such-study", "--out", out]) == 2
     assert "neither a file nor a built-in spec (built-in: flora-domains, peft-instruction)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_the_data_split_is_deterministic_disjoint_and_recorded():
+    spec = load_spec("peft-instruction", "smoke")
+    data = load_study_data(spec.data)
+    record = data.split_record()
+    assert [t for t, e in record.items() if e["role"] == "validation"] == data.validation_tasks
+    assert len(data.validation_tasks) == 1 and data.validation_tasks[0] not in data.train_tasks
+    assert {e["role"] for e in record.values()} == {"train", "validation", "test"}
+    for task in data.train_tasks:
+        splits = record[task]["splits"]
+        assert set(splits) == {"validation", "seen"} and len(splits["validation"]) == 2 == len(splits["seen"])
+        assert not set(splits["validation"]) & set(splits["seen"])
+        assert record[task]["train"] == 32
+    assert [len(record[t]["splits"]["unseen"]) for t in data.test_tasks] == [2, 2]
+    again = load_spec("peft-instruction", "smoke", {"data.task_order_seed": 0})
+    assert load_study_data(again.data).split_record() == record  # the same spec: the same split
+    other = load_study_data(load_spec("peft-instruction", "smoke", {"data.task_order_seed": 1}).data)
+    assert other.train_tasks + other.validation_tasks != data.train_tasks + data.validation_tasks
+
+
+def test_unseen_scores_need_validation_tasks(tmp_path):
+    with pytest.raises(ValueError, match=r"data.validation_tasks is 0 but the study has test tasks"):
+        load_study_data(load_spec(spec_file(tmp_path, **{"validation_tasks = 1": "validation_tasks = 0"})).data)
+    with pytest.raises(ValueError, match=r"data.validation_tasks=2 leaves no training task"):
+        load_study_data(load_spec(spec_file(tmp_path, **{"validation_tasks = 1": "validation_tasks = 2"})).data)
+
+
+def test_the_cpu_profile_plans_resumable_packs_of_at_most_five(tmp_path):
+    from flora.data import suite
+    from study.support import write_sni_dir
+
+    names = [s.name for s in suite.SPECS]
+    data = write_sni_dir(tmp_path / "sni", names[:29], names[29:39], instances=60)
+    spec = load_spec("peft-instruction", "cpu", {"data.path": str(data)})
+    study = load_study_data(spec.data)
+    assert (len(study.train_tasks), len(study.validation_tasks), len(study.test_tasks)) == (24, 5, 10)
+    trials = plan_trials(spec, study)
+    packs = plan_packs(trials, spec)
+    assert len(trials) == 48 and max(len(p.trials) for p in packs) == 5
+    methods = {t.method for t in trials}
+    assert {"prefix_tuning", "bitfit", "prompt_tuning", "zero_shot"} <= methods
+    lora = sorted({t.learning_rate for t in trials if t.method == "lora" and t.size == 8 and t.num_tasks == 24})
+    assert lora == [3e-3, 1e-2, 3e-2]  # brackets the previous run's best (1e-2, its grid's top)
+    assert {t.seed for t in trials if t.method == "full"} == {42, 127}
 
 
 def test_overrides_are_read_as_toml():

@@ -6,13 +6,16 @@ number of training tasks, model, seed) with the study's fixed settings, as a
 training settings, the data and the evaluation), so a rerun finds the trials it already has, and a
 trial two experiments share runs once.
 
+With ``evaluation.zero_shot`` the study also plans one *zero-shot* trial per model: the base
+model itself, not trained, scored like every other trial (the baseline of every table and figure).
+
 A `Pack` is a set of trials trained together as adapters of one model in one mixed batch
 (`flora.training.packing`): trials pack when they share the model and the schedule
 (`flora.training.packing.SHARED_SETTINGS`) and their number of steps (the same ``max_steps``, or the
 same data, batch size and epochs). Trials are grouped in plan order and cut into packs of nearly
-equal size, at most ``run.pack_size``; full fine-tuning changes the base model and trains alone, as does every trial
-with ``run.pack = false``. Packs are planned over the whole study, so a rerun trains the unfinished
-trials of a pack in the same company as the first run did.
+equal size, at most ``run.pack_size``; full fine-tuning changes the base model and trains alone, as do
+the zero-shot trial and every trial with ``run.pack = false``. Packs are planned over the whole study, so a
+rerun trains the unfinished trials of a pack in the same company as the first run did.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flora.training.config import TrainConfig
 from flora.training.hyperparameters import FULL, build_adapter_config
 from flora.training.packing import shared_settings
 
+ZERO_SHOT = "zero_shot"  # the method of the zero-shot trial: the base model, untrained
 # TrainConfig fields that decide a run's number of steps when it is given in epochs.
 EPOCH_LENGTH = ("epochs", "batch_size", "data", "tasks", "max_instances", "suite_seed", "suite_train", "template",
                 "max_length", "pos_examples", "chat")  # fmt: skip
@@ -57,7 +61,13 @@ class Trial:
         return {"method": self.method, "learning_rate": self.learning_rate, "size": self.size,
                 "num_tasks": self.num_tasks, "model": self.model, "seed": self.seed}  # fmt: skip
 
+    @property
+    def zero_shot(self) -> bool:
+        return self.method == ZERO_SHOT
+
     def train_config(self, output_dir: str = "runs/study") -> TrainConfig:
+        if self.zero_shot:
+            raise ValueError(f"trial {self.id} is the zero-shot base model: it has no training job")
         return TrainConfig(**self.config, output_dir=output_dir)
 
 
@@ -70,9 +80,13 @@ class Pack:
 
 
 def plan_trials(spec: StudySpec, data: StudyData) -> list[Trial]:
-    """Every trial of ``spec``'s experiments, in order (experiment, method, learning rate, size,
-    number of tasks, model, seed), each once; checked as training jobs."""
+    """Every trial of ``spec``'s experiments, in order (the zero-shot trials first, then by experiment,
+    method, learning rate, size, number of tasks, model, seed), each once; checked as training jobs."""
     trials: dict[str, Trial] = {}
+    if spec.evaluation["zero_shot"]:
+        for model in dict.fromkeys(m for experiment in spec.experiments for m in experiment.model):
+            trial = _zero_shot(spec, data, model)
+            trials[trial.id] = trial
     for experiment in spec.experiments:
         for method in experiment.method:
             points = itertools.product(experiment.learning_rate[method], experiment.size[method],
@@ -127,15 +141,21 @@ def _trial(spec: StudySpec, data: StudyData, experiment: str, method: str, rate:
                  config)  # fmt: skip
 
 
+def _zero_shot(spec: StudySpec, data: StudyData, model: str) -> Trial:
+    config = {"model": model, **{k: spec.model[k] for k in ("dtype", "strategy", "device")}}
+    identity = {ZERO_SHOT: config, "data": data.spec, "evaluation": spec.evaluation}
+    return Trial(digest(identity)[:12], (), ZERO_SHOT, 0.0, None, len(data.train_tasks), model, 0, config)
+
+
 def plan_packs(trials: list[Trial], spec: StudySpec) -> list[Pack]:
     """``trials`` grouped into packs (see the module docstring), in plan order."""
     groups: dict[str, list[Trial]] = {}
     for trial in trials:
-        config = trial.train_config().normalized()
-        alone = trial.method == FULL or not spec.run["pack"]
+        alone = trial.zero_shot or trial.method == FULL or not spec.run["pack"]
         if alone:
             key = f"alone:{trial.id}"
         else:
+            config = trial.train_config().normalized()
             length = config.max_steps or {name: getattr(config, name) for name in EPOCH_LENGTH}
             key = json.dumps([shared_settings(config), length], sort_keys=True, default=str)
         groups.setdefault(key, []).append(trial)
@@ -151,5 +171,6 @@ def plan_packs(trials: list[Trial], spec: StudySpec) -> list[Pack]:
 
 
 def eval_steps(steps: int, evaluations: int) -> list[int]:
-    """The optimizer steps after which a trial is evaluated: ``evaluations`` evenly spaced, the last at the end."""
-    return sorted({max(1, round(steps * i / evaluations)) for i in range(1, evaluations + 1)})
+    """The steps at which a trial's validation loss is measured: 0 (before training) and ``evaluations``
+    evenly spaced optimizer steps, the last at the end."""
+    return sorted({0} | {max(1, round(steps * i / evaluations)) for i in range(1, evaluations + 1)})

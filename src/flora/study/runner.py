@@ -61,7 +61,7 @@ def run_study(
     else:
         raise ValueError(f"backend {backend!r} is unknown (expected local or ray)")
     with run_lock(out):
-        store = StudyStore.open_for_run(out, spec, trials, resume)
+        store = StudyStore.open_for_run(out, spec, trials, resume, data.split_record())
         run = store.begin_run(backend)
         outcome = "interrupted"
         failed = 0

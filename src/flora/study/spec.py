@@ -8,16 +8,19 @@ A spec (see ``docs/studies.md``; the built-in ones are ``flora/study/specs/*.tom
     [model]       name, dtype, strategy, device (auto or cpu)
     [data]        source ("suite" or "superni"), path, train_split, test_split, tasks, test_tasks,
                   suite_seed, train_instances, validation_instances, seen_instances,
-                  unseen_instances, task_order_seed, template, max_length
+                  unseen_instances, validation_tasks, validation_task_instances, task_order_seed,
+                  template, max_length
     [training]    max_steps or epochs, batch_size, lr_scheduler, warmup_ratio, weight_decay,
                   max_grad_norm, adapter_per, training_args (more TrainingArguments, e.g.
                   ``{bf16 = true}``); [training.<method>]: the same keys for one method
-    [evaluation]  evaluations, select_by, batch_size, new_token_margin (a row's budget of new tokens:
-                  its task's longest reference + margin), max_new_tokens (a cap on that budget)
+    [evaluation]  evaluations (validation-loss points during training), loss_instances, metric,
+                  zero_shot, batch_size, new_token_margin (a row's budget of new tokens: its task's
+                  longest reference + margin), max_new_tokens (a cap on that budget)
     [methods.<method>]  fixed hyperparameters of that method (its config's fields)
     [run]         pack, pack_size, micro_batch_size, num_cpus, num_gpus (how, not what: not part
                   of the study's identity)
-    [report]      findings ("peft-instruction", "flora-domains" or "none")
+    [report]      findings ("peft-instruction", "flora-domains" or "none"), margin (the
+                  non-inferiority margin, in score points)
     [[experiments]]  name, plot, and the axes: method, learning_rate, size, num_tasks, model, seed
     [profiles.<name>]  a partial spec merged over the rest (tables merge key by key; any other
                   value, ``experiments`` included, is replaced)
@@ -55,7 +58,7 @@ SIZE_SETTINGS = {"lora": "r", "flora": "r", "bottleneck": "size", "prompt_tuning
                  "prefix_tuning": "num_virtual_tokens"}  # fmt: skip
 FINDINGS = ("peft-instruction", "flora-domains", "none")
 DATA_SOURCES = ("suite", "superni")
-SELECT_BY = ("rougeL", "exact_match")
+METRICS = ("rougeL", "exact_match", "primary")  # primary: each task's own metric
 
 # Per section: {key: (kind, default)}. Kinds: str, int, float, bool, strs (list of strings),
 # names (a string or a list of strings), ints. None: no default (the key may be absent).
@@ -66,8 +69,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "source": ("str", "suite"), "path": ("str", None), "train_split": ("str", "splits/train_tasks.txt"),
         "test_split": ("str", "splits/test_tasks.txt"), "tasks": ("names", None), "test_tasks": ("names", None),
         "suite_seed": ("int", 0), "train_instances": ("int", 100), "validation_instances": ("int", 10),
-        "seen_instances": ("int", 20), "unseen_instances": ("int", 100), "task_order_seed": ("int", 0),
-        "template": ("str", "sni"), "max_length": ("int", None),
+        "seen_instances": ("int", 20), "unseen_instances": ("int", 100), "validation_tasks": ("int", 0),
+        "validation_task_instances": ("int", 20), "task_order_seed": ("int", 0), "template": ("str", "sni"),
+        "max_length": ("int", None),
     },
     "training": {
         "max_steps": ("int", None), "epochs": ("float", 1.0), "batch_size": ("int", 8),
@@ -75,14 +79,15 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_grad_norm": ("float", 1.0), "adapter_per": ("str", None), "training_args": ("table", None),
     },
     "evaluation": {
-        "evaluations": ("int", 4), "select_by": ("str", "rougeL"), "batch_size": ("int", 16),
-        "max_new_tokens": ("int", None), "new_token_margin": ("int", 8),
+        "evaluations": ("int", 8), "loss_instances": ("int", None), "metric": ("str", "rougeL"),
+        "zero_shot": ("bool", True), "batch_size": ("int", 16), "max_new_tokens": ("int", None),
+        "new_token_margin": ("int", 8),
     },
     "run": {
         "pack": ("bool", True), "pack_size": ("int", 8), "micro_batch_size": ("int", None),
         "num_cpus": ("float", 1.0), "num_gpus": ("float", 0.0),
     },
-    "report": {"findings": ("str", "none")},
+    "report": {"findings": ("str", "none"), "margin": ("float", 2.0)},
 }  # fmt: skip
 TOP_LEVEL = ("name", "description", "default_profile", "seeds", *SCHEMA, "methods", "experiments", "profiles")
 EXPERIMENT_KEYS = ("name", "plot", *AXES)
@@ -330,18 +335,27 @@ def _check_sections(s: dict[str, dict[str, Any]], by_method: dict[str, dict[str,
     choice("model", "dtype", DTYPES)
     choice("model", "device", DEVICES)
     choice("training", "adapter_per", ADAPTER_PER)
-    choice("evaluation", "select_by", SELECT_BY)
+    choice("evaluation", "metric", METRICS)
     choice("report", "findings", FINDINGS)
     positive = [("data", "train_instances"), ("training", "batch_size"), ("evaluation", "evaluations"),
                 ("evaluation", "batch_size"), ("run", "pack_size")]  # fmt: skip
     for section, key in positive:
         if s[section][key] < 1:
             raise ValueError(f"{where}: {section}.{key}={s[section][key]} is invalid (expected an integer >= 1)")
-    for key in ("validation_instances", "seen_instances", "unseen_instances"):
+    for key in ("validation_instances", "seen_instances", "unseen_instances", "validation_tasks",
+                "validation_task_instances"):  # fmt: skip
         if s["data"][key] < 0:
             raise ValueError(f"{where}: data.{key}={s['data'][key]} is invalid (expected an integer >= 0)")
     if s["data"]["validation_instances"] < 1:
-        raise ValueError(f"{where}: data.validation_instances must be >= 1 (the best checkpoint is chosen on them)")
+        raise ValueError(f"{where}: data.validation_instances must be >= 1 (learning rates are chosen on them)")
+    if s["data"]["validation_tasks"] and s["data"]["validation_task_instances"] < 1:
+        raise ValueError(f"{where}: data.validation_task_instances must be >= 1 when there are validation tasks")
+    loss_instances = s["evaluation"]["loss_instances"]
+    if loss_instances is not None and loss_instances < 1:
+        raise ValueError(f"{where}: evaluation.loss_instances={loss_instances} is invalid (expected an integer >= 1, "
+                         f"or leave it out: every validation instance)")  # fmt: skip
+    if not s["report"]["margin"] >= 0:
+        raise ValueError(f"{where}: report.margin={s['report']['margin']} is invalid (expected a number >= 0)")
     for method, training in [("", s["training"]), *by_method.items()]:
         # TrainConfig checks the values (scheduler name, ranges) as the trials will use them.
         merged = {**s["training"], **training}

@@ -15,10 +15,19 @@ Tables:
   num_tasks, model, seed), config (JSON), status (``pending``, ``running``, ``done``, ``unstable``,
   ``failed``), run and pack that produced it, times (``wall_s`` is the pack's wall time,
   SIGSTOP pauses included), progress (``step``/``steps``, heartbeat), trainable parameters,
-  examples, steps, best step, checkpoints (JSON: step, train loss, validation scores), losses (JSON,
-  one per step), scores (JSON: overall, seen, unseen, categories, adapters, tasks; ROUGE-L and
-  exact match), the headline scores as columns (``validation_rougeL``, ``seen_rougeL``,
-  ``seen_exact_match``, ``unseen_rougeL``, ``unseen_exact_match``) and the error.
+  examples, steps, the step its scores are from (``best_step``: the final step), checkpoints
+  (JSON, one per measured step: step, mean training loss since the previous one, mean validation
+  loss of each validation split), losses (JSON, one per step), scores (JSON: overall, seen,
+  unseen, categories, adapters, tasks; validation, validation_tasks; ROUGE-L and exact match), the
+  headline scores as columns (micro means: ``validation_rougeL``, ``seen_rougeL``,
+  ``seen_exact_match``, ``unseen_rougeL``, ``unseen_exact_match``, ``overall_*``) and the error.
+- ``instances``: every evaluation instance of the study's data split (`flora.study.data.SPLITS`):
+  an integer id, its split, task and instance id; the study row's ``split`` holds the whole
+  split (JSON, `flora.study.data.StudyData.split_record`: each task's role, category, metric).
+- ``scores``: per trial and instance, ROUGE-L, exact match and the prediction (what every
+  interval of the report is computed from).
+- ``curves``: per trial, validation instance and measured step, the teacher-forced loss on the
+  instance's response tokens (NULL: not finite) and their number (the learning curves).
 
 What a directory may hold (`open_for_run`): nothing (a new study), this study (same fingerprint:
 the run continues it: ``done`` and ``unstable`` trials are kept, ``pending``, ``failed`` and
@@ -59,7 +68,7 @@ HEADLINE = {"seen_rougeL": ("seen", "rougeL"), "seen_exact_match": ("seen", "exa
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS study (
     id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT NOT NULL, fingerprint TEXT NOT NULL, spec TEXT NOT NULL,
-    plan TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, flora_version TEXT);
+    plan TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, flora_version TEXT, split TEXT);
 CREATE TABLE IF NOT EXISTS history (changed REAL NOT NULL, fingerprint TEXT NOT NULL, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, finished REAL, backend TEXT, host TEXT, pid INTEGER,
@@ -72,7 +81,18 @@ CREATE TABLE IF NOT EXISTS trials (
     best_step INTEGER, checkpoints TEXT, losses TEXT, scores TEXT, validation_rougeL REAL, seen_rougeL REAL,
     seen_exact_match REAL, unseen_rougeL REAL, unseen_exact_match REAL, overall_rougeL REAL,
     overall_exact_match REAL, error TEXT);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY, split TEXT NOT NULL, task TEXT NOT NULL, instance TEXT NOT NULL,
+    UNIQUE (split, task, instance));
+CREATE TABLE IF NOT EXISTS scores (
+    trial TEXT NOT NULL, item INTEGER NOT NULL REFERENCES instances (id), rougeL REAL NOT NULL,
+    exact_match REAL NOT NULL, prediction TEXT NOT NULL, PRIMARY KEY (trial, item)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS curves (
+    trial TEXT NOT NULL, item INTEGER NOT NULL REFERENCES instances (id), step INTEGER NOT NULL, loss REAL,
+    tokens INTEGER NOT NULL, PRIMARY KEY (trial, item, step)) WITHOUT ROWID;
 """
+# Columns added since the first stores: (table, column, type). Opening an older store adds them.
+_ADDED_COLUMNS = (("study", "split", "TEXT"),)
 
 
 class StudyStore:
@@ -96,8 +116,9 @@ class StudyStore:
 
     @classmethod
     def open_for_run(cls, directory: str | os.PathLike, spec: StudySpec, plan: Sequence[Trial],
-                     resume: bool = False) -> StudyStore:  # fmt: skip
-        """The store of ``directory`` ready to run ``spec`` (new, continued, or replaced with ``resume``)."""
+                     resume: bool = False, split: dict[str, Any] | None = None) -> StudyStore:  # fmt: skip
+        """The store of ``directory`` ready to run ``spec`` (new, continued, or replaced with ``resume``);
+        ``split``: the data split (`flora.study.data.StudyData.split_record`) the trials are scored on."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"--out {str(directory)!r} is a file (expected a directory)")
@@ -109,7 +130,7 @@ class StudyStore:
                                  f"({', '.join(sorted(entries)[:5])}); choose another directory")  # fmt: skip
             directory.mkdir(parents=True, exist_ok=True)
             store = cls(directory, _connect(path))
-            store._create(spec, plan)
+            store._create(spec, plan, split or {})
             return store
         store = cls(directory, _connect(path))
         stored = store.spec()
@@ -120,40 +141,48 @@ class StudyStore:
                 raise ValueError(f"--out {str(directory)!r} holds another study ({stored['name']!r}; differs in "
                                  f"{differences}); choose another directory, or pass --resume to continue it with "
                                  f"this spec (its finished trials that the new spec keeps are reused)")  # fmt: skip
-            store._replace_spec(spec, plan)
+            store._replace_spec(spec, plan, split or {})
         else:
-            store._update_plan(spec, plan)
+            store._update_plan(spec, plan, split or {})
         return store
 
-    def _create(self, spec: StudySpec, plan: Sequence[Trial]) -> None:
+    def _create(self, spec: StudySpec, plan: Sequence[Trial], split: dict[str, Any]) -> None:
         from flora import __version__
 
         now = time.time()
         with self.connection:
             self.connection.execute(
-                "INSERT INTO study (id, name, fingerprint, spec, plan, created, updated, flora_version) "
-                "VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO study (id, name, fingerprint, spec, plan, created, updated, flora_version, split) "
+                "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (spec.name, spec.fingerprint(), _dumps(spec.to_dict()), _dumps([t.id for t in plan]), now, now,
-                 __version__),
+                 __version__, _dumps(split)),
             )  # fmt: skip
-            self._register(plan)
+            self._register(plan, split)
 
-    def _replace_spec(self, spec: StudySpec, plan: Sequence[Trial]) -> None:
+    def _replace_spec(self, spec: StudySpec, plan: Sequence[Trial], split: dict[str, Any]) -> None:
         old = self._study()
         with self.connection:
             self.connection.execute("INSERT INTO history (changed, fingerprint, spec) VALUES (?, ?, ?)",
                                     (time.time(), old["fingerprint"], old["spec"]))  # fmt: skip
-            self.connection.execute("UPDATE study SET name = ?, fingerprint = ?, spec = ?, plan = ?, updated = ?",
-                                    (spec.name, spec.fingerprint(), _dumps(spec.to_dict()),
-                                     _dumps([t.id for t in plan]), time.time()))  # fmt: skip
-            self._register(plan)
+            self.connection.execute(
+                "UPDATE study SET name = ?, fingerprint = ?, spec = ?, plan = ?, updated = ?, split = ?",
+                (spec.name, spec.fingerprint(), _dumps(spec.to_dict()), _dumps([t.id for t in plan]), time.time(),
+                 _dumps(split)),
+            )  # fmt: skip
+            self._register(plan, split)
 
-    def _update_plan(self, spec: StudySpec, plan: Sequence[Trial]) -> None:
+    def _update_plan(self, spec: StudySpec, plan: Sequence[Trial], split: dict[str, Any]) -> None:
         with self.connection:  # run settings (packing, resources) may change between runs of one study
-            self.connection.execute("UPDATE study SET spec = ?, updated = ?", (_dumps(spec.to_dict()), time.time()))
-            self._register(plan)
+            self.connection.execute("UPDATE study SET spec = ?, updated = ?, split = ?",
+                                    (_dumps(spec.to_dict()), time.time(), _dumps(split)))  # fmt: skip
+            self._register(plan, split)
 
-    def _register(self, plan: Sequence[Trial]) -> None:
+    def _register(self, plan: Sequence[Trial], split: dict[str, Any]) -> None:
+        self.connection.executemany(
+            "INSERT OR IGNORE INTO instances (split, task, instance) VALUES (?, ?, ?)",
+            [(name, task, instance) for task, entry in split.items() for name, ids in entry["splits"].items()
+             for instance in ids],
+        )  # fmt: skip
         for trial in plan:
             self.connection.execute(
                 "INSERT INTO trials (id, experiments, method, learning_rate, size, num_tasks, model, seed, config) "
@@ -177,9 +206,11 @@ class StudyStore:
         return row
 
     def spec(self) -> dict[str, Any]:
-        """``{"name", "fingerprint", "spec" (dict), "plan" (trial ids), "created", "updated", "flora_version"}``."""
+        """``{"name", "fingerprint", "spec" (dict), "plan" (trial ids), "created", "updated", "flora_version",
+        "split" (dict: the data split; empty for stores older than it)}``."""
         row = dict(self._study())
         row["spec"], row["plan"] = json.loads(row["spec"]), json.loads(row["plan"])
+        row["split"] = json.loads(row["split"]) if row.get("split") else {}
         return row
 
     def trials(self, in_plan: bool = True) -> list[dict[str, Any]]:
@@ -188,6 +219,31 @@ class StudyStore:
         plan = self.spec()["plan"]
         ordered = [rows[i] for i in plan if i in rows]
         return ordered if in_plan else ordered + [r for i, r in rows.items() if i not in set(plan)]
+
+    def instance_scores(self, trials: Iterable[str]) -> list[dict[str, Any]]:
+        """Per instance scores of ``trials``: ``{"trial", "split", "task", "instance", "rougeL",
+        "exact_match", "prediction"}``."""
+        return self._per_item(
+            "SELECT s.trial, i.split, i.task, i.instance, s.rougeL, s.exact_match, s.prediction "
+            "FROM scores s JOIN instances i ON s.item = i.id WHERE s.trial IN ({})",
+            trials,
+        )
+
+    def curves(self, trials: Iterable[str]) -> list[dict[str, Any]]:
+        """Learning-curve points of ``trials``: ``{"trial", "split", "task", "instance", "step", "loss", "tokens"}``."""
+        return self._per_item(
+            "SELECT c.trial, i.split, i.task, i.instance, c.step, c.loss, c.tokens "
+            "FROM curves c JOIN instances i ON c.item = i.id WHERE c.trial IN ({})",
+            trials,
+        )
+
+    def _per_item(self, query: str, trials: Iterable[str]) -> list[dict[str, Any]]:
+        ids = list(trials)
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            rows += [dict(r) for r in self.connection.execute(query.format(",".join("?" * len(chunk))), chunk)]
+        return rows
 
     def statuses(self) -> dict[str, str]:
         return {row["id"]: row["status"] for row in self.connection.execute("SELECT id, status FROM trials")}
@@ -234,10 +290,8 @@ class StudyStore:
                 scores = _dumps(o.scores) if o.scores is not None else None
                 headline = {column: ((o.scores or {}).get(part) or {}).get(metric)
                             for column, (part, metric) in HEADLINE.items()}  # fmt: skip
-                validation = None
-                if o.best_step is not None:
-                    chosen = [c for c in o.checkpoints if c["step"] == o.best_step]
-                    validation = chosen[0]["validation"]["rougeL"] if chosen else None
+                validation = ((o.scores or {}).get("validation") or {}).get("rougeL")
+                self._write_items(o)
                 self.connection.execute(
                     "UPDATE trials SET status = ?, run = ?, pack = ?, pack_size = ?, finished = ?, wall_s = ?, "
                     "heartbeat = ?, trainable_params = ?, examples = ?, steps = ?, best_step = ?, checkpoints = ?, "
@@ -248,6 +302,29 @@ class StudyStore:
                      o.best_step, _dumps(o.checkpoints), _dumps(o.losses), scores, validation,
                      *headline.values(), o.error, o.id),
                 )  # fmt: skip
+
+    def _write_items(self, outcome: TrialOutcome) -> None:
+        """A trial's instance scores and curve, replacing any it had (a trial trained again)."""
+        items = {(r["split"], r["task"], r["instance"]): r["id"] for r in
+                 self.connection.execute("SELECT id, split, task, instance FROM instances")}  # fmt: skip
+        for table in ("scores", "curves"):
+            self.connection.execute(f"DELETE FROM {table} WHERE trial = ?", (outcome.id,))
+
+        def item(row: dict[str, Any]) -> int:
+            key = (row["split"], row["task"], row["instance"])
+            if key not in items:
+                raise ValueError(f"trial {outcome.id}: instance {row['instance']!r} of task {row['task']!r} is not "
+                                 f"in the study's {row['split']!r} split")  # fmt: skip
+            return items[key]
+
+        self.connection.executemany(
+            "INSERT INTO scores (trial, item, rougeL, exact_match, prediction) VALUES (?, ?, ?, ?, ?)",
+            [(outcome.id, item(r), r["rougeL"], r["exact_match"], r["prediction"]) for r in outcome.instances],
+        )  # fmt: skip
+        self.connection.executemany(
+            "INSERT INTO curves (trial, item, step, loss, tokens) VALUES (?, ?, ?, ?, ?)",
+            [(outcome.id, item(r), r["step"], r["loss"], r["tokens"]) for r in outcome.curve],
+        )  # fmt: skip
 
     def fail(self, ids: Iterable[str], error: str, run: int) -> None:
         with self.connection:
@@ -299,6 +376,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     connection.executescript(_SCHEMA)
+    for table, column, kind in _ADDED_COLUMNS:
+        if column not in {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}:
+            with connection:
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     return connection
 
 
