@@ -9,12 +9,14 @@ the adapter name is not part of the key, as PEFT saves it. Files are written ato
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -24,8 +26,35 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 KEY_PREFIX = "base_model.model."
 
 
-def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(config dict, tensors)`` of a PEFT adapter directory, validated as files."""
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A PEFT adapter directory as found on disk, its tensors not read yet: the config and each tensor's
+    shape and dtype, from the safetensors header (which safetensors checks against the file's size)."""
+
+    directory: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    @property
+    def weights_file(self) -> Path:
+        return self.directory / WEIGHTS_NAME
+
+    def nbytes(self, element_size: int) -> int:
+        """Bytes of the tensors at ``element_size`` bytes an element."""
+        return sum(math.prod(shape) for shape in self.shapes.values()) * element_size
+
+    def read(self) -> dict[str, Tensor]:
+        try:
+            return load_file(self.weights_file)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{self.weights_file}: not a readable safetensors file ({err})") from None
+
+
+def inspect_adapter_dir(path: str | os.PathLike) -> AdapterFiles:
+    """The config and the tensor shapes of a PEFT adapter directory, validated as files (a pickle-only
+    directory, a config that is not a JSON object with a ``peft_type``, a safetensors file that is
+    not one or does not hold all its tensors: `ValueError`; missing files: `FileNotFoundError`)."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
@@ -48,10 +77,19 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
             )
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
     try:
-        tensors = load_file(weights_file)
+        with safe_open(weights_file, framework="pt") as header:
+            slices = {key: header.get_slice(key) for key in header.keys()}  # noqa: SIM118  (not a dict)
+            shapes = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
+            dtypes = {key: piece.get_dtype() for key, piece in slices.items()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from None
-    return config, tensors
+    return AdapterFiles(directory, config, shapes, dtypes)
+
+
+def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config dict, tensors)`` of a PEFT adapter directory, validated as files (`inspect_adapter_dir`)."""
+    files = inspect_adapter_dir(path)
+    return files.config, files.read()
 
 
 def split_key(key: str, param_names: tuple[str, ...], source: str) -> tuple[str, str]:

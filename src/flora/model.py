@@ -28,7 +28,7 @@ from flora.base import load_base
 from flora.hub import resolve_adapter_dir
 from flora.io import KEY_PREFIX, read_adapter_dir, split_key, write_adapter_dir
 from flora.kernels.autotune import Autotuner, token_bucket
-from flora.layer import ADAPTABLE, AdaptedLayer, weight_out_in
+from flora.layer import ADAPTABLE, AdaptedLayer, layer_features, weight_out_in
 from flora.methods import METHODS, AdapterConfig, Bank, method_for
 from flora.methods.base import ADAPTER_NAME
 from flora.methods.lora_group import link_groups
@@ -84,6 +84,8 @@ class AdapterModel(nn.Module):
         # kept up to date by `_wrap` and `_uninstall`, so that the rest of an install or a delete (a
         # server's LRU) walks no module tree.
         self._layers: dict[str, nn.Module] = self._find_layers()
+        # ``(in_features, out_features)`` of each of them: what `check_adapter` reads (never the modules)
+        self._layer_shapes = {name: layer_features(module) for name, module in self._layers.items()}
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
@@ -164,13 +166,37 @@ class AdapterModel(nn.Module):
         """Add ``adapter_name`` from an adapter directory already read (``flora.io.read_adapter_dir``:
         its ``adapter_config.json`` content and tensors), so that the files can be read on another
         thread than the one that changes the model (a server). Refuses, changing nothing, an adapter
-        whose layers or shapes do not fit this base model."""
+        whose layers or shapes do not fit this base model (`check_adapter`)."""
         self._check_new_name(adapter_name)
+        shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        config, bank_class, modules = self._parse_adapter(adapter_name, data, shapes, path)
+        if bank_class is None:
+            self._install_virtual(adapter_name, config, tensors)
+        else:
+            weights = {
+                module: {param: tensors[key] for param, key in params.items()} for module, params in modules.items()
+            }
+            self._install(adapter_name, config, weights)
+        return adapter_name
+
+    def check_adapter(
+        self, adapter_name: str, data: dict, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike = "<memory>"
+    ) -> None:
+        """`ValueError` (naming the adapter and what is wrong) for an adapter that `install_adapter`
+        would refuse for its config, its layers or the shapes of its tensors (``shapes``: by file key,
+        e.g. from the safetensors header: no tensor is read). Reads only the base layers' shapes, never
+        the modules, so it may run beside the thread that runs and changes the model."""
+        self._parse_adapter(adapter_name, data, shapes, path)
+
+    def _parse_adapter(
+        self, adapter_name: str, data: dict, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike
+    ) -> tuple[AdapterConfig | PromptLearningConfig, type[Bank] | None, dict[str, dict[str, str]]]:
+        """An adapter file's config, its bank class (``None`` for prompt and prefix tuning) and, per
+        layer it adapts, its tensors' file keys by parameter name; checked against this base model."""
         source = str(Path(path) / "adapter_config.json")
         virtual = virtual_config_class(data["peft_type"])
         if virtual is not None:
-            self._install_virtual(adapter_name, virtual.from_peft_dict(data, source), tensors)
-            return adapter_name
+            return virtual.from_peft_dict(data, source), None, {}
         if str(data["peft_type"]).upper() not in METHODS:
             raise ValueError(
                 f"{source}: peft_type {data['peft_type']!r} is not supported (expected one of "
@@ -178,14 +204,13 @@ class AdapterModel(nn.Module):
             )
         config_class, bank_class = method_for(data["peft_type"], source)
         config = config_class.from_peft_dict(data, source)
-        weights: dict[str, dict[str, Tensor]] = {}
+        modules: dict[str, dict[str, str]] = {}
         tensor_file = str(Path(path) / "adapter_model.safetensors")
-        for key, tensor in tensors.items():
+        for key in shapes:
             module, param = split_key(key, bank_class.param_names, tensor_file)
-            weights.setdefault(module, {})[param] = tensor
-        known = dict(self._adaptable_modules())
-        for module, params in weights.items():
-            if module not in known:
+            modules.setdefault(module, {})[param] = key
+        for module, params in modules.items():
+            if module not in self._layer_shapes:
                 raise ValueError(
                     f"adapter {adapter_name!r} ({path}): layer {module!r} is not a Linear/Conv1D layer of this "
                     f"base model ({type(self.base_model).__name__}); was it trained for another model?"
@@ -193,8 +218,10 @@ class AdapterModel(nn.Module):
             missing = set(bank_class.param_names) - set(params)
             if missing:
                 raise ValueError(f"adapter {adapter_name!r} ({path}): layer {module!r} lacks {sorted(missing)}")
-        self._install(adapter_name, config, weights)
-        return adapter_name
+            in_features, out_features = self._layer_shapes[module]
+            own = {param: shapes[key] for param, key in params.items()}
+            bank_class.check_shapes(adapter_name, config, module, in_features, out_features, own)
+        return config, bank_class, modules
 
     def save_adapter(self, adapter_name: str, path: str | os.PathLike) -> Path:
         """Write ``adapter_name`` in Hugging Face PEFT's format (loadable by ``PeftModel.from_pretrained``)."""

@@ -18,7 +18,7 @@ from flora import AdapterModel, LoraConfig
 from flora.cli import build_parser
 from flora.cli.serve import settings_from_args
 from flora.serve import ServeSettings, build_state
-from flora.serve.registry import AdapterRegistry, AdapterVersion
+from flora.serve.registry import AdapterLoadError, AdapterRegistry, AdapterVersion
 from serve.support import LiveServer, save_adapters
 
 PROMPT = "reverse the words: red green blue"
@@ -194,7 +194,8 @@ def test_a_pinned_adapter_above_max_lora_rank_stops_the_start(tokenizer, adapter
 def test_the_files_read_are_checked_again(adapter_dir):
     registry = AdapterRegistry("tiny", max_rank=2)
     version = AdapterVersion("swapped", "adapter-0", adapter_dir / "lora4")  # files changed after they were checked
-    registry._read(version)
+    with pytest.raises(AdapterLoadError):
+        registry._inspect(version, "model")
     assert version.state == "failed"
     assert version.error == ("adapter 'swapped' cannot be loaded: adapter 'swapped' has rank 4, above the server's "
                              "--max-lora-rank 2")  # fmt: skip

@@ -154,6 +154,29 @@ class Bank(nn.Module):
     def adapters(self) -> list[str]:
         raise NotImplementedError
 
+    @classmethod
+    def shapes(
+        cls, config: AdapterConfig, module_name: str, in_features: int, out_features: int
+    ) -> dict[str, tuple[int, ...]]:
+        """The shape of each of an adapter's tensors (keyed by ``param_names``) in a layer ``in ->
+        out`` called ``module_name``, as ``config`` says (its rank, size, ...)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_shapes(
+        cls, name: str, config: AdapterConfig, module_name: str, in_features: int, out_features: int,
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:  # fmt: skip
+        """`ValueError` naming the tensor unless ``shapes`` (keyed by ``param_names``) are what
+        `shapes` expects."""
+        for key, expected in cls.shapes(config, module_name, in_features, out_features).items():
+            if tuple(shapes[key]) != expected:
+                raise ValueError(
+                    f"adapter {name!r}: layer {module_name}: {key} has shape {tuple(shapes[key])} but "
+                    f"{config.peft_type} with this config on the base layer ({in_features} -> {out_features}) "
+                    f"needs {expected}"
+                )
+
     def add(
         self,
         name: str,
@@ -162,9 +185,16 @@ class Bank(nn.Module):
         weights: dict[str, Tensor] | None,
         like: Tensor,
     ) -> None:
-        """Add adapter ``name``: ``weights`` (keyed by ``param_names``) or a fresh initialisation,
-        on the device and in the dtype of ``like`` (the base layer's weight)."""
+        """Add adapter ``name``: ``weights`` (keyed by ``param_names``, shapes as `shapes` says) or a
+        fresh initialisation, on the device and in the dtype of ``like`` (the base layer's weight)."""
         raise NotImplementedError
+
+    def _checked(self, name: str, config: AdapterConfig, module_name: str,
+                 weights: dict[str, Tensor]) -> dict[str, Tensor]:  # fmt: skip
+        """``weights``, their shapes checked (`check_shapes`)."""
+        shapes = {key: tuple(tensor.shape) for key, tensor in weights.items()}
+        self.check_shapes(name, config, module_name, self.in_features, self.out_features, shapes)
+        return weights
 
     def remove(self, name: str) -> None:
         for attr in self._parameter_dicts():
@@ -256,13 +286,6 @@ class Bank(nn.Module):
         return None
 
     # -- helpers for subclasses ----------------------------------------------------------------
-
-    def _check_shape(self, name: str, module_name: str, key: str, got: Tensor, expected: tuple) -> None:
-        if tuple(got.shape) != tuple(expected):
-            raise ValueError(
-                f"adapter {name!r}: layer {module_name}: {key} has shape {tuple(got.shape)} but the "
-                f"base layer ({self.in_features} -> {self.out_features}) needs {tuple(expected)}"
-            )
 
     def _row_table(self, plan: Plan, routing: Routing, identity: Tensor, rows_of) -> Tensor:
         """``[batch, *identity.shape]``: ``rows_of(name)`` for the rows of this bank's adapters,

@@ -51,12 +51,15 @@ class BitFitBank(Bank):
     def adapters(self) -> list[str]:
         return list(self.bitfit_bias.keys())
 
+    @classmethod
+    def shapes(cls, config: BitFitConfig, module_name, in_features, out_features) -> dict[str, tuple[int, ...]]:
+        return {"bitfit_bias": (out_features,)}
+
     def add(self, name, config: BitFitConfig, module_name, weights, like) -> None:
         if weights is None:
             delta = torch.zeros(self.out_features)
         else:
-            delta = weights["bitfit_bias"]
-            self._check_shape(name, module_name, "bitfit_bias", delta, (self.out_features,))
+            delta = self._checked(name, config, module_name, weights)["bitfit_bias"]
         self.bitfit_bias[name] = nn.Parameter(delta.to(like))
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:

@@ -142,17 +142,21 @@ class BottleneckBank(Bank):
     def rank(self, name: str) -> int:
         return self.bottleneck_down[name].shape[0]
 
+    @classmethod
+    def shapes(cls, config: BottleneckConfig, module_name, in_features, out_features) -> dict[str, tuple[int, ...]]:
+        return {
+            "bottleneck_down.weight": (config.size, out_features),
+            "bottleneck_up.weight": (out_features, config.size),
+        }
+
     def add(self, name, config: BottleneckConfig, module_name, weights, like) -> None:
         if weights is None:
-            size = config.size
-            down = torch.empty(size, self.out_features)
+            down = torch.empty(config.size, self.out_features)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-            up = torch.zeros(self.out_features, size)
+            up = torch.zeros(self.out_features, config.size)
         else:
-            down, up = weights["bottleneck_down.weight"], weights["bottleneck_up.weight"]
-            size = down.shape[0] if down.dim() == 2 else -1
-            self._check_shape(name, module_name, "bottleneck_down.weight", down, (size, self.out_features))
-            self._check_shape(name, module_name, "bottleneck_up.weight", up, (self.out_features, size))
+            checked = self._checked(name, config, module_name, weights)
+            down, up = checked["bottleneck_down.weight"], checked["bottleneck_up.weight"]
         self.bottleneck_down[name] = nn.Parameter(down.to(like))
         self.bottleneck_up[name] = nn.Parameter(up.to(like))
         self.non_linearity[name] = config.non_linearity

@@ -60,15 +60,17 @@ class FloraBank(Bank):
     def rank(self, name: str) -> int:
         return self.flora_A[name].shape[0]
 
+    @classmethod
+    def shapes(cls, config: FloraConfig, module_name, in_features, out_features) -> dict[str, tuple[int, ...]]:
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        return {"flora_A.weight": (r, out_features), "flora_B.weight": (r, in_features)}
+
     def add(self, name, config: FloraConfig, module_name, weights, like) -> None:
         if weights is None:
-            r = pattern_value(config.rank_pattern, module_name, config.r)
-            a, b = torch.ones(r, self.out_features), torch.ones(r, self.in_features)
+            shapes = self.shapes(config, module_name, self.in_features, self.out_features)
+            a, b = torch.ones(shapes["flora_A.weight"]), torch.ones(shapes["flora_B.weight"])
         else:
-            a, b = weights["flora_A.weight"], weights["flora_B.weight"]
-            r = a.shape[0] if a.dim() == 2 else -1
-            self._check_shape(name, module_name, "flora_A.weight", a, (r, self.out_features))
-            self._check_shape(name, module_name, "flora_B.weight", b, (r, self.in_features))
+            a, b = (self._checked(name, config, module_name, weights)[key] for key in self.param_names)
         self.flora_A[name] = nn.Parameter(a.to(like))
         self.flora_B[name] = nn.Parameter(b.to(like))
 

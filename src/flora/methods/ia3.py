@@ -47,13 +47,15 @@ class Ia3Bank(Bank):
     def adapters(self) -> list[str]:
         return list(self.ia3_l.keys())
 
+    @classmethod
+    def shapes(cls, config: Ia3Config, module_name, in_features, out_features) -> dict[str, tuple[int, ...]]:
+        return {"ia3_l": (1, in_features) if config.is_feedforward(module_name) else (out_features, 1)}
+
     def add(self, name, config: Ia3Config, module_name, weights, like) -> None:
-        shape = (1, self.in_features) if config.is_feedforward(module_name) else (self.out_features, 1)
         if weights is None:
-            vector = torch.ones(shape)
+            vector = torch.ones(self.shapes(config, module_name, self.in_features, self.out_features)["ia3_l"])
         else:
-            vector = weights["ia3_l"]
-            self._check_shape(name, module_name, "ia3_l", vector, shape)
+            vector = self._checked(name, config, module_name, weights)["ia3_l"]
         self.ia3_l[name] = nn.Parameter(vector.to(like))
         self._feedforward[name] = config.is_feedforward(module_name)
 

@@ -87,17 +87,20 @@ class LoraBank(Bank):
     def rank(self, name: str) -> int:
         return self.ranks[name]
 
+    @classmethod
+    def shapes(cls, config: LoraConfig, module_name, in_features, out_features) -> dict[str, tuple[int, ...]]:
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+
     def add(self, name, config: LoraConfig, module_name, weights, like) -> None:
         if weights is None:
-            r = pattern_value(config.rank_pattern, module_name, config.r)
-            a = torch.empty(r, self.in_features)
+            shapes = self.shapes(config, module_name, self.in_features, self.out_features)
+            a = torch.empty(shapes["lora_A.weight"])
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            b = torch.zeros(self.out_features, r)
+            b = torch.zeros(shapes["lora_B.weight"])
         else:
-            a, b = weights["lora_A.weight"], weights["lora_B.weight"]
-            r = a.shape[0] if a.dim() == 2 else -1
-            self._check_shape(name, module_name, "lora_A.weight", a, (r, self.in_features))
-            self._check_shape(name, module_name, "lora_B.weight", b, (self.out_features, r))
+            a, b = (self._checked(name, config, module_name, weights)[key] for key in self.param_names)
+        r = a.shape[0]
         self.forget(name)
         self.lora_A[name] = nn.Parameter(a.to(like))
         self.lora_B[name] = nn.Parameter(b.to(like))

@@ -318,7 +318,7 @@ async def _generate(
     for field, ids in token_fields.items():
         _check_ids(state, ids, field)
     sequences = getattr(body, "best_of", None) or body.n
-    adapter = _lease(state, body.model)
+    adapter = await _lease(state, body.model)
     if adapter is not None:
         for _ in range(len(prompts) * sequences - 1):
             state.registry.hold(adapter)  # every engine request releases it when it ends
@@ -391,14 +391,23 @@ async def _whole(completion: Completion, http_request: Request) -> Response:
     return JSONResponse(answer.result())
 
 
-def _lease(state: ServerState, model: str) -> AdapterVersion | None:
+async def _lease(state: ServerState, model: str) -> AdapterVersion | None:
+    """``model``'s adapter (``None`` for the base model), leased and in memory: a request waits here,
+    off the engine, while its adapter is read, and one that cannot be loaded is answered with the
+    reason before any of the response is sent."""
     if model == state.base_name:
         return None
     try:
-        return state.registry.lease(model)
+        version = await asyncio.to_thread(state.registry.lease, model)
     except UnknownAdapterError as err:
         raise APIError(404, err.args[0], "model") from None
     except AdapterAccessError as err:
         raise APIError(403, str(err), "model") from None
     except AdapterLoadError as err:
         raise APIError(400, str(err), "model") from None
+    if not version.settled.is_set():
+        await asyncio.to_thread(version.settled.wait)
+    if version.state == "failed":
+        state.registry.release(version)
+        raise APIError(400, version.error or f"adapter {model!r} cannot be loaded", "model")
+    return version

@@ -202,9 +202,11 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, *requests: EngineRequest) -> None:
-        """Queue ``requests`` (all or none: `QueueFullError` when ``max_queue`` would be passed)."""
+        """Queue ``requests`` (all or none: `QueueFullError` when more than ``max_queue`` would wait
+        beyond the batch's free slots)."""
         with self._wakeup:
-            if len(self._inbox) + len(self.waiting) + len(requests) > self.limits.max_queue:
+            free = max(0, self.limits.max_num_seqs - len(self.running))
+            if len(self._inbox) + len(self.waiting) + len(requests) - free > self.limits.max_queue:
                 raise QueueFullError(
                     f"the server is at capacity: {self.limits.max_queue} requests are already waiting (--max-queue)"
                 )

@@ -11,16 +11,27 @@ and its ``adapter_model.safetensors``, symlinks followed, lie under a *root*: th
 adapter whose rank (LoRA's and FLoRA's ``r``, the largest of ``rank_pattern``) is above
 ``max_rank`` (``--max-lora-rank``) is refused when it is leased, registered and read.
 
-A request *leases* its adapter's current `AdapterVersion` for as long as it waits or runs. At most
-``max_loaded`` adapters (and ``memory_mb`` of their tensors) are in the model: to make room, the
-least recently leased one that no request holds and that is not pinned is evicted. Files are read
-on a worker thread, so a request for an adapter being loaded never stalls requests for others.
-Loading a new version under a name in use (``load_inplace``) makes it the current version at once
-for new requests, while requests that hold the old one finish on it; the old one is removed when
-the last of them ends.
+Adapters live in tiers: the directory on disk (thousands of entries, listed only when asked, never
+read at start) -> host memory, at most ``memory_mb`` of tensors (and ``max_loaded`` adapters) ->
+the engine's per-step tables, for the rows that run (`flora.methods.slot_tables`). A request
+*leases* its adapter's current `AdapterVersion` for as long as it waits or runs, and a lease moves
+it up:
 
-The model itself is only ever changed by the engine's thread, between decoding steps: the
-registry queues its work (installs, removals) and the engine calls `apply`.
+1. *inspected* when leased (off the event loop): its config and its safetensors header are read and
+   checked against the base model (`AdapterModel.check_adapter`: method, layers, shapes, the
+   config's rank against the tensors'), its size worked out: an adapter that cannot be served, or
+   that is larger than ``memory_mb`` alone, is refused there, before anything is evicted for it;
+2. *queued* for memory, in lease order: the engine's thread (`apply`) starts reading the head of
+   the queue once its bytes fit under ``memory_mb``, evicting least recently used adapters that no
+   request holds and that are not pinned to make them fit. So adapters of queued requests are read
+   ahead of their turn (prefetch), as far as memory allows, and the bytes held never pass the cap;
+3. *read* on a worker thread (a request for an adapter being read never stalls others), then
+   installed into the model by the engine's thread, between decoding steps (*ready*).
+
+A version that fails to load is *failed*: the requests that hold it are answered with its error,
+nothing else is. Loading a new version under a name in use (``load_inplace``) makes it the current
+version at once for new requests, while requests that hold the old one finish on it; the old one is
+removed when the last of them ends. The model itself is only ever changed by the engine's thread.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import Any
 
 from torch import Tensor
 
-from flora.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
+from flora.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, inspect_adapter_dir
 from flora.model import AdapterModel
 
 logger = logging.getLogger("flora.serve")
@@ -89,14 +100,18 @@ def adapter_rank(config: dict[str, Any]) -> int | None:
 
 @dataclass(eq=False)
 class AdapterVersion:
-    """One loaded (or loadable) version of an adapter.
+    """One version of an adapter, and how far up the tiers it is.
 
     Attributes:
         name: the public name (what requests put in ``model``).
         internal: its name inside the `AdapterModel` (unique per version).
-        state: ``unloaded`` (files not in memory), ``loading``, ``ready``, ``failed`` (``error`` says why).
+        state: ``unloaded`` (on disk), ``inspecting``, ``queued`` (waiting for memory), ``reading``,
+            ``read`` (tensors in memory, not installed), ``ready`` (in the model), ``failed``
+            (``error`` says why).
+        nbytes: its tensors' bytes in the model's dtype (known once inspected).
         users: requests holding it (waiting or running).
         retired: replaced by a newer version or unloaded: removed from the model once unused.
+        settled: set once it is ready or failed.
     """
 
     name: str
@@ -110,7 +125,9 @@ class AdapterVersion:
     last_used: float = 0.0
     retired: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-    settled: threading.Event = field(default_factory=threading.Event)  # set when ready or failed
+    settled: threading.Event = field(default_factory=threading.Event)
+    files: AdapterFiles | None = None
+    tensors: dict[str, Tensor] | None = None  # read, not installed yet
 
 
 def check_name(name: Any, what: str = "lora_name") -> str:
@@ -135,6 +152,8 @@ class AdapterRegistry:
         on_change: called (from any thread) when the engine has work to apply.
         allowed_roots: directories besides ``adapter_dir`` that confined adapters may be read from.
         max_rank: adapters of a higher rank are refused (``None``: no limit).
+        model: the model adapters are checked against (`AdapterModel.check_adapter`) and whose dtype
+            their bytes are counted in (``None``: not checked before they are installed; 4 bytes).
     """
 
     def __init__(
@@ -146,6 +165,7 @@ class AdapterRegistry:
         on_change: Callable[[], None] = lambda: None,
         allowed_roots: Sequence[str | os.PathLike] = (),
         max_rank: int | None = None,
+        model: AdapterModel | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"--max-loaded-adapters {max_loaded}: expected at least 1")
@@ -162,15 +182,20 @@ class AdapterRegistry:
                                          *(Path(root).resolve() for root in allowed_roots)]))  # fmt: skip
         self.max_rank = max_rank
         self.max_loaded = max_loaded
+        self.memory_mb = memory_mb
         self.memory_bytes = None if memory_mb is None else int(memory_mb * 2**20)
         self.on_change = on_change
         self.current: dict[str, AdapterVersion] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.model = model
+        self.element_size = 4 if model is None else next(model.base_model.parameters()).element_size()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flora-adapter-reader")
-        self._installs: deque[tuple[AdapterVersion, dict, dict[str, Tensor]]] = deque()
+        self._queue: deque[AdapterVersion] = deque()  # inspected, waiting for memory to be read
+        self._read: deque[AdapterVersion] = deque()  # read, to be installed
         self._removals: deque[AdapterVersion] = deque()
         self._loaded: list[AdapterVersion] = []  # in the model
+        self.held_bytes = 0  # tensors of the versions being read, read or in the model
         self.counters = {"loads": 0, "hits": 0, "evictions": 0}
 
     # -- names ---------------------------------------------------------------------------------
@@ -243,9 +268,10 @@ class AdapterRegistry:
     # -- leases (request side) -----------------------------------------------------------------
 
     def lease(self, name: str) -> AdapterVersion:
-        """The current version of ``name`` for a new request (loading starts if it is not in memory).
-        Raises `UnknownAdapterError` for a name nobody serves, `AdapterAccessError` for an adapter-dir
-        entry outside the roots and `AdapterLoadError` for one above ``max_rank``."""
+        """The current version of ``name`` for a new request, held until `release`; one not in memory is
+        inspected (file reads: call it off the event loop) and queued to be read. Raises
+        `UnknownAdapterError` for a name nobody serves, `AdapterAccessError` for an adapter-dir entry
+        outside the roots and `AdapterLoadError` for one that cannot be served (its error says why)."""
         with self._lock:
             version = self.current.get(name)
             if version is None:
@@ -253,11 +279,37 @@ class AdapterRegistry:
                 version = self.current[name] = self._new_version(name, path, pinned=False)
             version.users += 1
             version.last_used = time.monotonic()
-            if version.state == "unloaded":
-                self._start_reading(version)
-            elif version.state == "ready":
+            if version.state == "ready":
                 self.counters["hits"] += 1
+            if version.state != "unloaded":
+                return version
+            version.state = "inspecting"
+        try:
+            self._inspect(version, "model")
+        except AdapterLoadError:
+            self.release(version)
+            raise
         return version
+
+    def _inspect(self, version: AdapterVersion, param: str) -> None:
+        """Inspect ``version``'s files and queue it to be read, or fail it (`AdapterLoadError`)."""
+        try:
+            files = inspect_adapter_dir(version.path)
+            self._check_rank(version.name, files.config, param)
+            if self.model is not None:
+                self.model.check_adapter(version.internal, files.config, files.shapes, version.path)
+            nbytes = files.nbytes(self.element_size)
+            if self.memory_bytes is not None and nbytes > self.memory_bytes:
+                raise ValueError(f"its tensors take {nbytes / 2**20:.2f} MB, more than the adapters' memory "
+                                 f"(--adapter-memory-mb {self.memory_mb:g})")  # fmt: skip
+        except (OSError, ValueError) as err:
+            message = f"adapter {version.name!r} cannot be loaded: {_reason(err)}"
+            self._fail(version, message)
+            raise AdapterLoadError(message, param) from None
+        with self._lock:
+            version.files, version.nbytes, version.state = files, nbytes, "queued"
+            self._queue.append(version)
+        self.on_change()
 
     def hold(self, version: AdapterVersion) -> None:
         """Count one more user of ``version`` (released with `release`)."""
@@ -277,45 +329,44 @@ class AdapterRegistry:
         """The adapter dir's entry ``name``, resolved and confined, its rank checked."""
         if name == self.base_name:
             raise AssertionError("the base model is not an adapter")
-        known = sorted(self._names())
         try:
             check_name(name, "model")
         except AdapterLoadError:
-            raise UnknownAdapterError(self._unknown_message(name, known)) from None
+            raise UnknownAdapterError(self._unknown_message(name)) from None
         path = self.adapter_dir / name if self.adapter_dir is not None else None
         if path is None or not (path / CONFIG_NAME).is_file():
-            raise UnknownAdapterError(self._unknown_message(name, known))
+            raise UnknownAdapterError(self._unknown_message(name))
         path = self.confine(path, f"model {shown(name)} (the --adapter-dir entry {shown(path)})")
         if self.max_rank is not None:
             self._check_rank(name, _read_config(path, "model"), "model")
         return path
 
-    def _unknown_message(self, name: str, known: list[str]) -> str:
+    def _unknown_message(self, name: str) -> str:
+        known = sorted(self._names())  # only for the error: listing thousands of entries is not free
         names = ", ".join(repr(n) for n in [self.base_name, *known][:50])
         more = f" and {len(known) - 49} more" if len(known) > 49 else ""
         return f"The model {shown(name)} does not exist. Available models: {names}{more}."
 
-    def _start_reading(self, version: AdapterVersion) -> None:
-        version.state = "loading"
-        version.settled.clear()
-        self.counters["loads"] += 1
-        self._reader.submit(self._read, version)
-
-    def _read(self, version: AdapterVersion) -> None:
+    def _read_files(self, version: AdapterVersion) -> None:
+        """The reader thread: ``version``'s tensors into memory, for the engine to install."""
         try:
-            data, tensors = read_adapter_dir(version.path)
-            self._check_rank(version.name, data, "model")  # the files read may have changed since they were checked
+            tensors = version.files.read()
+            shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+            if shapes != version.files.shapes:
+                raise ValueError(f"{version.files.weights_file} changed since it was inspected")
         except (OSError, ValueError) as err:
-            self._fail(version, f"adapter {version.name!r} cannot be loaded: {err}")
+            self._fail(version, f"adapter {version.name!r} cannot be loaded: {_reason(err)}")
         else:
             with self._lock:
-                version.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-                self._installs.append((version, data, tensors))
+                version.tensors, version.state = tensors, "read"
+                self._read.append(version)
         self.on_change()
 
     def _fail(self, version: AdapterVersion, message: str) -> None:
         with self._lock:
-            version.state, version.error = "failed", message
+            if version.state in ("reading", "read"):
+                self.held_bytes -= version.nbytes
+            version.state, version.error, version.tensors = "failed", message, None
             if self.current.get(version.name) is version and not version.pinned:
                 del self.current[version.name]  # a later request tries the files again
         version.settled.set()
@@ -326,9 +377,10 @@ class AdapterRegistry:
     def register(
         self, name: str, path: str | os.PathLike, pinned: bool = False, inplace: bool = False, confined: bool = False
     ) -> AdapterVersion:
-        """A new adapter (or, with ``inplace``, a new version of one) read from ``path``; loading starts.
-        ``confined``: ``path`` must lie under a root (`confine`; a client's path). Returns the version;
-        wait for ``version.settled`` to know whether it loaded."""
+        """A new adapter (or, with ``inplace``, a new version of one) read from ``path``: inspected
+        (`AdapterLoadError` if it cannot be served) and queued. ``confined``: ``path`` must lie under a
+        root (`confine`; a client's path). Returns the version; wait for ``version.settled`` to know
+        whether it loaded."""
         check_name(name)
         if name == self.base_name:
             raise AdapterLoadError(f"lora_name {shown(name)} is the base model's name")
@@ -346,10 +398,10 @@ class AdapterRegistry:
                     f"the same name, set load_inplace to true"
                 )
             version = self.current[name] = self._new_version(name, path, pinned)
+            version.state = "inspecting"
             if old is not None:
                 self._retire(old)
-            self._start_reading(version)
-        self.on_change()
+        self._inspect(version, "lora_path")
         return version
 
     def unregister(self, name: str) -> None:
@@ -370,8 +422,9 @@ class AdapterRegistry:
     # -- engine side ---------------------------------------------------------------------------
 
     def apply(self, model: AdapterModel) -> bool:
-        """Install read adapters and remove retired ones (engine thread, between steps). Returns
-        whether the model's adapters changed."""
+        """The engine's thread, between steps: remove retired adapters, install those read, and start
+        reading queued ones that fit in memory (evicting idle ones for them). Returns whether the
+        model's adapters changed."""
         changed = False
         with self._lock:
             while self._removals:
@@ -379,37 +432,60 @@ class AdapterRegistry:
                 if version.state == "ready" and version.users == 0:
                     self._remove(model, version)
                     changed = True
-            blocked = deque()
-            while self._installs:
-                version, data, tensors = self._installs.popleft()
-                if version.retired and version.users == 0:
-                    version.state = "unloaded"
+            waiting = deque()
+            while self._read:
+                version = self._read.popleft()
+                if version.state != "read":
                     continue
-                if not self._make_room(model, version):
-                    blocked.append((version, data, tensors))  # every slot is in use: try again next step
+                if version.retired and version.users == 0:  # replaced or unloaded before anyone used it
+                    self._forget(version)
                     continue
-                try:
-                    model.install_adapter(version.internal, data, tensors, version.path)
-                except ValueError as err:
-                    version.state, version.error = "failed", f"adapter {version.name!r} cannot be served: {err}"
-                    if self.current.get(version.name) is version and not version.pinned:
-                        del self.current[version.name]
-                    logger.warning("%s", version.error)
-                else:
-                    version.state = "ready"
-                    self._loaded.append(version)
-                    changed = True
-                version.settled.set()
-            self._installs = blocked
+                if not self._make_room(model, count=1, nbytes=0):
+                    waiting.append(version)  # every adapter in the model is in use: next step
+                    continue
+                changed |= self._install(model, version)
+            self._read = waiting
+            while self._queue:
+                version = self._queue[0]
+                if version.state != "queued" or (version.retired and version.users == 0):
+                    self._queue.popleft()
+                    if version.state == "queued":
+                        version.state = "unloaded"
+                    continue
+                if not self._make_room(model, count=0, nbytes=version.nbytes):
+                    break  # the head waits for memory: later ones wait behind it (lease order)
+                self._queue.popleft()
+                version.state = "reading"
+                self.held_bytes += version.nbytes
+                self.counters["loads"] += 1
+                self._reader.submit(self._read_files, version)
         return changed
 
-    def _make_room(self, model: AdapterModel, incoming: AdapterVersion) -> bool:
+    def _install(self, model: AdapterModel, version: AdapterVersion) -> bool:
+        tensors, version.tensors = version.tensors, None
+        try:
+            model.install_adapter(version.internal, version.files.config, tensors, version.path)
+        except ValueError as err:  # `check_adapter` passed: this is not expected, but answers only its requests
+            self.held_bytes -= version.nbytes
+            version.state, version.error = "failed", f"adapter {version.name!r} cannot be served: {err}"
+            if self.current.get(version.name) is version and not version.pinned:
+                del self.current[version.name]
+            logger.warning("%s", version.error)
+            version.settled.set()
+            return False
+        version.state = "ready"
+        self._loaded.append(version)
+        version.settled.set()
+        return True
+
+    def _make_room(self, model: AdapterModel, count: int, nbytes: int) -> bool:
+        """Evict idle adapters (least recently used first) until ``count`` more adapters and ``nbytes``
+        more bytes fit; whether they do."""
+
         def over() -> bool:
-            count = len(self._loaded) + 1 > self.max_loaded
-            memory = self.memory_bytes is not None and sum(v.nbytes for v in self._loaded) + incoming.nbytes > (
-                self.memory_bytes
-            )
-            return count or memory
+            too_many = len(self._loaded) + count > self.max_loaded
+            too_big = self.memory_bytes is not None and self.held_bytes + nbytes > self.memory_bytes
+            return too_many or too_big
 
         while over():
             idle = [v for v in self._loaded if v.users == 0 and not v.pinned]
@@ -422,12 +498,18 @@ class AdapterRegistry:
     def _remove(self, model: AdapterModel, version: AdapterVersion) -> None:
         model.delete_adapter(version.internal)
         self._loaded.remove(version)
-        version.state = "unloaded"
+        self._forget(version)
+
+    def _forget(self, version: AdapterVersion) -> None:
+        """``version``'s tensors leave memory: it is on disk only again."""
+        self.held_bytes -= version.nbytes
+        version.state, version.tensors = "unloaded", None
         version.settled.clear()
 
     def waiting_installs(self) -> bool:
+        """Whether `apply` has work that does not wait for a request to end."""
         with self._lock:
-            return bool(self._installs or self._removals)
+            return bool(self._read or self._removals)
 
     def loaded(self) -> list[AdapterVersion]:
         with self._lock:
@@ -446,3 +528,8 @@ def _read_config(path: Path, param: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{path / CONFIG_NAME}: expected a JSON object", param)
     return config
+
+
+def _reason(err: BaseException) -> str:
+    """An error's message (a missing file's ``FileNotFoundError`` says which)."""
+    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)

@@ -99,7 +99,7 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
     base_name = settings.served_model_name or settings.model
     registry = AdapterRegistry(
         base_name, settings.adapter_dir, settings.max_loaded_adapters, settings.adapter_memory_mb,
-        allowed_roots=settings.allowed_adapter_paths, max_rank=settings.max_lora_rank,
+        allowed_roots=settings.allowed_adapter_paths, max_rank=settings.max_lora_rank, model=model,
     )  # fmt: skip
     limits = EngineLimits(
         max_num_seqs=settings.max_num_seqs,
@@ -126,6 +126,9 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
         if version.state == "failed":
             engine.stop()
             raise ValueError(f"--adapter {name}={path}: {version.error}")
+    if registry.adapter_dir is not None and next(registry.adapter_dir.iterdir(), None) is None:
+        logger.warning("--adapter-dir %s is empty: only the base model %r is served until adapters are added there",
+                       registry.adapter_dir, base_name)  # fmt: skip
     if settings.enable_runtime_lora_updating and not registry.roots:
         logger.warning("runtime adapter loading is on, but no --adapter-dir or --allowed-adapter-paths is given: "
                        "every /v1/load_lora_adapter is refused")  # fmt: skip
