@@ -39,6 +39,7 @@ class Outcome:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     error: str | None = None
+    adapter_cache: str | None = None  # flora's x-flora-adapter-cache: "hit" or "miss" (the adapter was loaded)
 
     @property
     def finished(self) -> bool:
@@ -70,6 +71,7 @@ async def stream_one(client: httpx.AsyncClient, request: Request, outcome: Outco
         if response.status_code != 200:
             outcome.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}"
             return
+        outcome.adapter_cache = response.headers.get("x-flora-adapter-cache")
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue

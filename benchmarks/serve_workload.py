@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from harness import TEXT, randomize
+from tqdm import tqdm
 
 from flora import AdapterModel, LoraConfig
 from flora.base import cache_dir
@@ -93,11 +94,14 @@ def draw_requests(
     return tuple(requests)
 
 
-def route(requests: tuple[Request, ...], names: list[str], distribution: str, seed: int) -> Workload:
-    """The requests with each one's adapter drawn from ``names`` (uniform or Zipf(1.5) by position)."""
+def route(
+    requests: tuple[Request, ...], names: list[str], distribution: str, seed: int, exponent: float = ZIPF_EXPONENT
+) -> Workload:
+    """The requests with each one's adapter drawn from ``names``: uniform, or Zipf by position,
+    ``p(i) ∝ i ** -exponent`` (1.5 here; S-LoRA's power law is 1)."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution {distribution!r}: expected one of {', '.join(DISTRIBUTIONS)}")
-    weights = [1.0] * len(names) if distribution == "uniform" else [i**-ZIPF_EXPONENT for i in range(1, len(names) + 1)]
+    weights = [1.0] * len(names) if distribution == "uniform" else [i**-exponent for i in range(1, len(names) + 1)]
     rng = random.Random(seed)
     chosen = rng.choices(names, weights=weights, k=len(requests))
     return Workload(
@@ -106,26 +110,43 @@ def route(requests: tuple[Request, ...], names: list[str], distribution: str, se
 
 
 def adapter_set(model: str, count: int, rank: int, seed: int = 0, root: Path | None = None) -> dict[str, Path]:
-    """``count`` random LoRA adapters (``lora00``, ...) for ``model``, saved once in PEFT format.
+    """``count`` random LoRA rank-``rank`` adapters on every linear layer (``lora00``, ...) for ``model``,
+    saved once in PEFT format. Returns name -> directory."""
+    configs = {f"lora{i:02d}": LoraConfig(r=rank, alpha=2 * rank) for i in range(count)}
+    return saved_adapters(model, f"lora-r{rank}-x{count}-seed{seed}", configs, seed, root)
 
-    Returns name -> directory. The set appears atomically (built beside its directory, then renamed),
-    so an interrupted build is simply redone.
-    """
+
+def mixed_adapter_set(
+    model: str, count: int, ranks: tuple[int, ...], targets: tuple[str, ...], seed: int = 0, root: Path | None = None
+) -> dict[str, Path]:
+    """``count`` random LoRA adapters on ``targets`` (``a0000``, ...), adapter ``i`` of rank
+    ``ranks[i % len(ranks)]`` (so every prefix of the set mixes the ranks), saved once in PEFT format."""
+    configs = {f"a{i:04d}": LoraConfig(r=ranks[i % len(ranks)], alpha=2 * ranks[i % len(ranks)],
+                                       target_modules=list(targets)) for i in range(count)}  # fmt: skip
+    label = f"lora-r{'-'.join(map(str, ranks))}-{'-'.join(targets)}-x{count}-seed{seed}"
+    return saved_adapters(model, label, configs, seed, root)
+
+
+def saved_adapters(
+    model: str, label: str, configs: dict[str, LoraConfig], seed: int, root: Path | None = None
+) -> dict[str, Path]:
+    """The adapters of ``configs``, randomised from ``seed`` and saved once under flora's cache
+    (``serve_load/<model>-<label>``). Returns name -> directory. The set appears atomically (built
+    beside its directory, then renamed), so an interrupted build is simply redone."""
     root = root or cache_dir() / "serve_load"
-    target = root / f"{model.replace('/', '_')}-lora-r{rank}-x{count}-seed{seed}"
-    names = [f"lora{i:02d}" for i in range(count)]
+    target = root / f"{model.replace('/', '_')}-{label}"
     if not target.is_dir():
         root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
         try:
             adapted = AdapterModel.from_pretrained(model)
-            for i, name in enumerate(names):
+            for i, (name, config) in enumerate(tqdm(configs.items(), desc=f"writing {label}", unit="adapter")):
                 torch.manual_seed(seed * 1000 + i)  # lora_A's initialisation
-                adapted.add_adapter(name, LoraConfig(r=rank, alpha=2 * rank))
+                adapted.add_adapter(name, config)
                 randomize(adapted.adapter_parameters(name), seed=seed * 1000 + i)
                 adapted.save_adapter(name, scratch / name)
                 adapted.delete_adapter(name)
             scratch.rename(target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return {name: target / name for name in names}
+    return {name: target / name for name in configs}

@@ -275,3 +275,12 @@ def test_the_registry_never_reads_past_its_memory(tokenizer, many):
         assert registry.counters["evictions"] >= 3
     finally:
         registry.close()
+
+
+def test_responses_say_whether_their_adapter_was_in_memory(capped):
+    name = "a197"  # not asked for by the other tests
+    first, second = (httpx.post(f"{capped.url}/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
+                                timeout=60) for _ in range(2))  # fmt: skip
+    assert first.headers["x-flora-adapter-cache"] == "miss" and second.headers["x-flora-adapter-cache"] == "hit"
+    base = httpx.post(f"{capped.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert "x-flora-adapter-cache" not in base.headers

@@ -68,6 +68,7 @@ RUNTIME_UPDATES_OFF = ("Loading and unloading adapters at run time is off on thi
 
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # 8 MiB: 128 prompts of 2048 tokens of text fit
+ADAPTER_CACHE_HEADER = "x-flora-adapter-cache"  # "hit": the adapter was in the model; "miss": it was loaded
 
 
 class APIError(Exception):
@@ -318,7 +319,8 @@ async def _generate(
     for field, ids in token_fields.items():
         _check_ids(state, ids, field)
     sequences = getattr(body, "best_of", None) or body.n
-    adapter = await _lease(state, body.model)
+    adapter, in_memory = await _lease(state, body.model)
+    headers = {} if adapter is None else {ADAPTER_CACHE_HEADER: "hit" if in_memory else "miss"}
     if adapter is not None:
         for _ in range(len(prompts) * sequences - 1):
             state.registry.hold(adapter)  # every engine request releases it when it ends
@@ -338,8 +340,8 @@ async def _generate(
                 state.registry.release(adapter)
         raise APIError(429, str(err)) from None
     if body.stream:
-        return StreamingResponse(completion.sse(), media_type="text/event-stream")
-    return await _whole(completion, request)
+        return StreamingResponse(completion.sse(), media_type="text/event-stream", headers=headers)
+    return await _whole(completion, request, headers)
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, ranked: bool) -> SamplingParams:
@@ -370,7 +372,7 @@ def _unset(event) -> None:
     raise AssertionError("an engine request's emit is set by its Completion")
 
 
-async def _whole(completion: Completion, http_request: Request) -> Response:
+async def _whole(completion: Completion, http_request: Request, headers: dict[str, str]) -> Response:
     """The complete response, or nothing if the client went away first (its requests are aborted)."""
 
     async def gone() -> None:
@@ -388,15 +390,15 @@ async def _whole(completion: Completion, http_request: Request) -> Response:
         return Response(status_code=499)
     if completion.error is not None:
         raise APIError(500, completion.error)
-    return JSONResponse(answer.result())
+    return JSONResponse(answer.result(), headers=headers)
 
 
-async def _lease(state: ServerState, model: str) -> AdapterVersion | None:
-    """``model``'s adapter (``None`` for the base model), leased and in memory: a request waits here,
-    off the engine, while its adapter is read, and one that cannot be loaded is answered with the
-    reason before any of the response is sent."""
+async def _lease(state: ServerState, model: str) -> tuple[AdapterVersion | None, bool]:
+    """``model``'s adapter (``None`` for the base model), leased and in memory, and whether it was in
+    the model already: a request waits here, off the engine, while its adapter is read, and one that
+    cannot be loaded is answered with the reason before any of the response is sent."""
     if model == state.base_name:
-        return None
+        return None, True
     try:
         version = await asyncio.to_thread(state.registry.lease, model)
     except UnknownAdapterError as err:
@@ -405,9 +407,10 @@ async def _lease(state: ServerState, model: str) -> AdapterVersion | None:
         raise APIError(403, str(err), "model") from None
     except AdapterLoadError as err:
         raise APIError(400, str(err), "model") from None
+    in_memory = version.state == "ready"
     if not version.settled.is_set():
         await asyncio.to_thread(version.settled.wait)
     if version.state == "failed":
         state.registry.release(version)
         raise APIError(400, version.error or f"adapter {model!r} cannot be loaded", "model")
-    return version
+    return version, in_memory

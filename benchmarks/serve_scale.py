@@ -1,0 +1,288 @@
+"""Scale benchmark of `flora serve`: thousands of adapters under a memory cap (S-LoRA's workload, at
+this machine's scale), vLLM's CPU build on the same trace, and replicas on Ray Serve.
+
+Adapters: PEFT-format LoRA on ``q_proj`` and ``v_proj`` (PEFT's default for Llama models), adapter
+``i`` of rank 4, 8, 16, 32 in turn (0.9-7.4 MB each on SmolLM2-135M), random, written once under
+flora's cache and reused (`serve_workload.mixed_adapter_set`). Trace: ``--requests`` requests with
+Poisson arrivals at ``--rate``, prompt and output lengths as ``serve_load.py``'s; every run replays
+the same arrivals and lengths, and draws each request's adapter over the first ``n`` adapters by a
+power law with alpha 1 (S-LoRA's: ``p(i) ∝ 1/i``) or uniformly (the same draw for every system).
+
+Runs (``--systems``):
+
+- ``flora``: one process (``flora serve``, both cores) at each ``--adapters`` count, power law, and
+  uniform at the largest; ``--adapter-memory-mb`` (default 1024) is below the largest set's size, so
+  adapters are evicted and read again;
+- ``vllm``: vLLM's CPU build (``make vllm-env``) with its own way to many adapters: every adapter is
+  found on first use by its filesystem LoRA resolver (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``,
+  ``VLLM_PLUGINS=lora_filesystem_resolver``), ``--max-loras`` in a step and ``--max-cpu-loras`` in
+  memory; at the counts of ``--vllm-adapters`` (a run that does not finish by ``--deadline`` says so);
+- ``ray-multiplexed`` and ``ray-random``: ``flora serve --replicas 2`` (one CPU each) on Ray Serve,
+  routed by adapter (model multiplexing) or at random, at the largest count, power law.
+
+Per run: output tokens/s, p50/p99 TTFT, TPOT and end-to-end latency, for all requests and for warm and
+cold-adapter requests apart (flora says per response whether it loaded the adapter,
+``x-flora-adapter-cache``; for vLLM, cold is an adapter's first request in the trace), adapter loads,
+hits and evictions (``/metrics``), errors, and the peak resident memory of the server's processes
+(sampled every 0.2 s). Usage:
+
+    python benchmarks/serve_scale.py --json benchmarks/results/serve_scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from harness import write_json
+from prometheus_client.parser import text_string_to_metric_families
+from serve_client import figures, outcome_records, percentiles, run_load
+from serve_load import comma_list, int_range, positive_float, positive_int, positive_ints
+from serve_servers import REPO, VLLM_PYTHON, Server, ServerSpec, vllm_available
+from serve_workload import Workload, draw_requests, mixed_adapter_set, route
+
+from flora import load_base
+from flora.base import resolve_model_dir
+
+SYSTEMS = ("flora", "vllm", "ray-multiplexed", "ray-random")
+RANKS = (4, 8, 16, 32)
+TARGETS = ("q_proj", "v_proj")
+POWER_LAW = 1.0
+WARMUP = 2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--systems", type=comma_list, default=list(SYSTEMS), help="of: " + ", ".join(SYSTEMS))
+    parser.add_argument("--adapters", type=positive_ints, default=[8, 100, 500, 2000], help="adapter counts")
+    parser.add_argument("--vllm-adapters", type=positive_ints, default=[8, 100], help="vLLM's adapter counts")
+    parser.add_argument("--requests", type=positive_int, default=96)
+    parser.add_argument("--rate", type=positive_float, default=2.5, help="mean arrival rate, requests/s (Poisson)")
+    parser.add_argument("--prompt-tokens", type=int_range, default=(16, 128))
+    parser.add_argument("--output-tokens", type=int_range, default=(16, 64))
+    parser.add_argument("--deadline", type=positive_float, default=150.0, help="seconds per run after the first send")
+    parser.add_argument("--adapter-memory-mb", type=positive_float, default=1024.0)
+    parser.add_argument("--max-loaded-adapters", type=positive_int, default=2000)
+    parser.add_argument("--max-num-seqs", type=positive_int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "serve_scale")
+    parser.add_argument("--json", type=Path)
+    return parser.parse_args()
+
+
+class PeakMemory:
+    """The largest resident memory of a process and its descendants, sampled on a thread."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        self.pid, self.every_s, self.peak_mb = pid, every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, tree_resident_mb(self.pid))
+            self._stop.wait(self.every_s)
+
+
+def tree_resident_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of ``pid`` and every process descended from it, in MB."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                grew = True
+    total = 0.0
+    for member in tree:
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+def adapter_counters(url: str) -> dict[str, float]:
+    """flora's adapter loads, hits and evictions from ``/metrics`` (summed over replicas); {} for vLLM."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    counters = {}
+    for family in text_string_to_metric_families(text):
+        for kind in ("adapter_loads", "adapter_hits", "adapter_evictions"):
+            if family.name.endswith(f":{kind}"):
+                counters[kind] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return counters
+
+
+def flora_spec(args, adapter_dir: Path, replicas: int = 1, routing: str | None = None) -> ServerSpec:
+    command = [sys.executable, "-m", "flora", "serve", "--model", args.model, "--adapter-dir", str(adapter_dir),
+               "--host", "127.0.0.1", "--port", "{port}", "--max-num-seqs", str(args.max_num_seqs),
+               "--max-loaded-adapters", str(args.max_loaded_adapters),
+               "--adapter-memory-mb", str(args.adapter_memory_mb)]  # fmt: skip
+    name = "flora"
+    if replicas > 1:
+        command += ["--replicas", str(replicas), "--routing", routing]
+        name = f"ray-{routing}"
+    return ServerSpec(name=name, command=tuple(command), startup_timeout_s=600.0)
+
+
+def vllm_spec(args, adapter_dir: Path) -> ServerSpec:
+    """vLLM's CPU server finding each adapter on first use in ``adapter_dir`` (its filesystem resolver)."""
+    command = (str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(resolve_model_dir(args.model)), "--served-model-name", args.model, "--host", "127.0.0.1",
+               "--port", "{port}", "--enable-lora", "--max-lora-rank", str(max(RANKS)), "--max-loras", "32",
+               "--max-cpu-loras", str(min(args.max_loaded_adapters, 256)), "--max-num-seqs", str(args.max_num_seqs),
+               "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.2", "--max-model-len", "2048",
+               "--no-enable-prefix-caching", "--disable-uvicorn-access-log")  # fmt: skip
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
+           "VLLM_LORA_RESOLVER_CACHE_DIR": str(adapter_dir)}  # fmt: skip
+    return ServerSpec(name="vllm", command=command, env=env, startup_timeout_s=600.0)
+
+
+def run(spec: ServerSpec, workload: Workload, args, log_name: str) -> dict:
+    """One measured run of ``workload`` on a server started from ``spec``."""
+    server = Server(spec, args.log_dir / f"{log_name}.log")
+    with server as url:
+        warm_up = workload.requests[:WARMUP]
+        run_load(url, warm_up, lambda r: r.adapter, deadline_s=120.0)  # its adapters come first in the trace too
+        before = adapter_counters(url)
+        with PeakMemory(server.process.pid) as memory:
+            outcomes, start = run_load(url, workload.requests, lambda r: r.adapter, args.deadline)
+        after = adapter_counters(url)
+    seen, first_use = set(), []
+    for request in workload.requests:
+        first_use.append(request.adapter not in seen)
+        seen.add(request.adapter)
+    result = {"system": spec.name, "adapters": workload.adapters, "distribution": workload.distribution,
+              **figures(outcomes, start), "peak_resident_mb": round(memory.peak_mb, 1),
+              "adapter_counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+              "startup_s": server.startup_s}  # fmt: skip
+    for label, cold in (("warm", False), ("cold", True)):
+        chosen = [o for o, first in zip(outcomes, first_use, strict=True)
+                  if o.finished and ((o.adapter_cache == "miss") if o.adapter_cache else first) == cold]  # fmt: skip
+        result[f"{label}_requests"] = len(chosen)
+        result[f"{label}_ttft_s"] = percentiles([o.ttft_s for o in chosen])
+    result["outcomes"] = outcome_records(outcomes, start)
+    loads = result["adapter_counters"].get("adapter_loads")
+    print(f"{spec.name:<16} {workload.name:<14} {result['finished']}/{result['requests']} finished, "
+          f"{result['errors']} errors, {result.get('output_tokens_per_s') or 0:6.1f} tok/s, "
+          f"peak {result['peak_resident_mb']:.0f} MB, loads {loads}")  # fmt: skip
+    return result
+
+
+def summary(runs: list[dict], args) -> dict:
+    """The issue's targets, from the runs."""
+    flora = {(r["adapters"], r["distribution"]): r for r in runs if r["system"] == "flora"}
+    smallest, largest = min(args.adapters), max(args.adapters)
+    checks = {}
+    low, high = flora.get((smallest, "zipf")), flora.get((largest, "zipf"))
+    if low and high and low.get("output_tokens_per_s") and high.get("output_tokens_per_s"):
+        ratio = high["output_tokens_per_s"] / low["output_tokens_per_s"]
+        checks[f"tokens_per_s_{largest}_over_{smallest}"] = {"value": round(ratio, 3), "target": ">= 0.95",
+                                                             "met": ratio >= 0.95}  # fmt: skip
+        bound = 1.1 * (low["peak_resident_mb"] + args.adapter_memory_mb)
+        checks[f"peak_resident_mb_{largest}"] = {"value": high["peak_resident_mb"], "bound": round(bound, 1),
+                                                 "met": high["peak_resident_mb"] <= bound}  # fmt: skip
+        cold, warm = high["cold_ttft_s"]["p99"], high["warm_ttft_s"]["p99"]
+        if cold is not None and warm is not None:
+            checks["cold_over_warm_p99_ttft"] = {
+                "value": round(cold / warm, 3),
+                "target": "<= 2",
+                "met": cold <= 2 * warm,
+            }
+        errors = sum(r["errors"] for r in flora.values())
+        checks["errors"] = {"value": errors, "met": errors == 0}
+    ray = {r["system"]: r for r in runs if r["system"].startswith("ray-")}
+    if {"ray-multiplexed", "ray-random"} <= set(ray):
+        loads = {name: ray[name]["adapter_counters"].get("adapter_loads") for name in ray}
+        if loads["ray-multiplexed"] and loads["ray-random"]:
+            factor = loads["ray-random"] / loads["ray-multiplexed"]
+            checks["ray_loads_random_over_multiplexed"] = {"value": round(factor, 2), "target": ">= 2",
+                                                           "met": factor >= 2}  # fmt: skip
+        if high and high.get("output_tokens_per_s") and ray["ray-multiplexed"].get("output_tokens_per_s"):
+            share = ray["ray-multiplexed"]["output_tokens_per_s"] / high["output_tokens_per_s"]
+            checks["ray_multiplexed_over_one_process"] = {"value": round(share, 3), "target": ">= 0.9",
+                                                          "met": share >= 0.9}  # fmt: skip
+    return checks
+
+
+def main() -> None:
+    args = parse_args()
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"--systems {sorted(unknown)}: expected some of {', '.join(SYSTEMS)}")
+    largest = max(args.adapters + args.vllm_adapters)
+    adapters = mixed_adapter_set(args.model, largest, RANKS, TARGETS, seed=args.seed)
+    adapter_dir = next(iter(adapters.values())).parent
+    _, tokenizer = load_base(args.model)
+    requests = draw_requests(tokenizer, args.requests + WARMUP, args.rate, args.prompt_tokens, args.output_tokens,
+                             args.seed)  # fmt: skip
+    names = list(adapters)
+
+    def workload(count: int, distribution: str) -> Workload:
+        return route(requests, names[:count], distribution, args.seed + 1, exponent=POWER_LAW)
+
+    plan = []
+    if "flora" in args.systems:
+        plan += [(flora_spec(args, adapter_dir), workload(n, "zipf")) for n in sorted(args.adapters)]
+        plan.append((flora_spec(args, adapter_dir), workload(max(args.adapters), "uniform")))
+    if "vllm" in args.systems:
+        if vllm_available():
+            plan += [(vllm_spec(args, adapter_dir), workload(n, "zipf")) for n in sorted(args.vllm_adapters)]
+        else:
+            print("vllm: skipped (no .venv-vllm: run `make vllm-env`)")
+    for routing in ("multiplexed", "random"):
+        if f"ray-{routing}" in args.systems:
+            plan.append(
+                (flora_spec(args, adapter_dir, replicas=2, routing=routing), workload(max(args.adapters), "zipf"))
+            )
+    started = time.time()
+    runs = []
+    for spec, chosen in plan:
+        try:
+            runs.append(run(spec, chosen, args, f"{spec.name}-{chosen.name}"))
+        except (RuntimeError, TimeoutError) as err:
+            print(f"{spec.name} {chosen.name}: {err}")
+            runs.append({"system": spec.name, "adapters": chosen.adapters, "distribution": chosen.distribution,
+                         "error": str(err)[:2000]})  # fmt: skip
+    checks = summary([r for r in runs if "error" not in r], args)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    for name, check in checks.items():
+        print(f"{name}: {check}")
+    if args.json:
+        write_json(args.json, {
+            "benchmark": "serve_scale", "model": args.model, "platform": platform.platform(),
+            "cpus": os.cpu_count(), "settings": settings,
+            "ranks": RANKS, "targets": TARGETS, "power_law_alpha": POWER_LAW, "seconds": round(time.time() - started),
+            "summary": checks, "runs": runs,
+        })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
