@@ -3,7 +3,8 @@
 vLLM's flags for serving adapters are accepted under vLLM's names (``--enable-lora``,
 ``--lora-modules``, ``--max-loras``, ``--max-lora-rank``, ``--max-cpu-loras``, ``--api-key``,
 ``--enable-runtime-lora-updating``); other vLLM flags are refused. The table of them:
-docs/serving.md.
+docs/serving.md. ``--replicas N`` (or ``--ray-address``) runs the server as a Ray Serve application
+of N engines instead (`flora.serve.replicas`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _EPILOG = """examples:
   flora serve --model smollm2-135m --adapter-dir adapters/ --port 8000
   flora serve --model smollm2-135m --adapter reverse=runs/demo/reverse_words --max-loaded-adapters 32
   flora serve --enable-lora --lora-modules a=adapters/a b=adapters/b --max-loras 4 --max-lora-rank 16 --api-key KEY
+  flora serve --model smollm2-135m --adapter-dir adapters/ --replicas 2 --num-cpus-per-replica 1   # on Ray Serve
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "reverse", "prompt": "Hello", "max_tokens": 16}'
 
@@ -74,6 +76,25 @@ def add_parser(subparsers) -> None:
                    default="float32", help="auto: the checkpoint's; half: float16 (default: float32)")  # fmt: skip
     e.add_argument("--device", default="cpu", help="(default: cpu)")
     e.add_argument("--strategy", default="auto", help="per-row adapter strategy of flora.AdapterModel (default: auto)")
+    r = p.add_argument_group("replicas on Ray Serve (flora[ray]; docs/serving.md)")
+    r.add_argument("--replicas", type=int, default=1,
+                   help="flora engines behind one API, as a Ray Serve application; 1: this process alone, without "
+                        "Ray (default: 1)")  # fmt: skip
+    r.add_argument("--ray-address", metavar="ADDRESS",
+                   help="join this Ray cluster (HOST:PORT of its head, or auto) instead of starting a local "
+                        "instance")  # fmt: skip
+    r.add_argument("--routing", choices=("multiplexed", "random"), default="multiplexed",
+                   help="multiplexed: a request goes to a replica that holds its adapter (Ray Serve's model "
+                        "multiplexing); random: Ray Serve's choice regardless of the adapter "
+                        "(default: multiplexed)")  # fmt: skip
+    r.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica, and its torch threads (default: 1)")  # fmt: skip
+    r.add_argument("--max-ongoing-requests", type=int,
+                   help="requests a replica takes at once; Ray Serve queues the rest "
+                        "(default: --max-num-seqs)")  # fmt: skip
+    r.add_argument("--autoscaling-config", metavar="JSON",
+                   help="Ray Serve's autoscaling config for the replicas instead of --replicas, e.g. "
+                        "'{\"min_replicas\": 1, \"max_replicas\": 4}'")  # fmt: skip
     s = p.add_argument_group("access and monitoring")
     s.add_argument("--api-key", help="every route but /health, /version and /metrics needs 'Authorization: Bearer KEY' "
                                      "(default: FLORA_API_KEY, then VLLM_API_KEY; none: open)")  # fmt: skip
@@ -133,10 +154,36 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os
     )  # fmt: skip
 
 
+def replica_settings_from_args(args: argparse.Namespace):
+    """`flora.serve.replicas.ReplicaSettings` of ``flora serve``'s arguments."""
+    from flora.serve.replicas import ReplicaSettings
+
+    autoscaling = None
+    if args.autoscaling_config is not None:
+        try:
+            autoscaling = json.loads(args.autoscaling_config)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--autoscaling-config {args.autoscaling_config!r}: not valid JSON ({err})") from None
+        if not isinstance(autoscaling, dict):
+            raise ValueError(f"--autoscaling-config {args.autoscaling_config!r}: expected a JSON object")
+    return ReplicaSettings(
+        replicas=args.replicas, ray_address=args.ray_address, routing=args.routing,
+        num_cpus_per_replica=args.num_cpus_per_replica, max_ongoing_requests=args.max_ongoing_requests,
+        autoscaling_config=autoscaling,
+    )  # fmt: skip
+
+
 def run(args) -> int:
     from flora.serve import serve
 
     settings = settings_from_args(args)
     settings.check()
-    serve(settings)
+    replicas = replica_settings_from_args(args)
+    replicas.check()
+    if replicas.on_ray:
+        from flora.serve.replicas import serve_replicas
+
+        serve_replicas(settings, replicas)
+    else:
+        serve(settings)
     return 0
