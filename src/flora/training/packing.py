@@ -143,24 +143,33 @@ class PackBatchSampler:
 
 class PackCollator:
     """One optimizer step's rows -> ``{"micro_batches": [batch, ...]}``: rows of active members only,
-    cut into micro-batches of ``micro_batch_size`` rows (all in one when None), each right-padded
-    (`flora.data.collate_examples`) with ``adapter_names`` and ``members`` (one per row)."""
+    longest first (rows of similar length share a micro-batch: less padding), cut into micro-batches
+    of ``micro_batch_size`` rows (all in one when None), each right-padded
+    (`flora.data.collate_examples`) with ``adapter_names`` and ``members`` (one per row). Rows of the
+    members in ``apart`` (prompt and prefix tuning, whose virtual tokens need every position's
+    logits) go in micro-batches of their own, after the others', so they do not cost the others
+    their ``logits_to_keep``. A member's loss is normalised over the whole step, so how its rows are
+    spread over micro-batches changes nothing but float rounding."""
 
-    def __init__(self, pad_token_id: int, micro_batch_size: int | None, active: Collection[str]) -> None:
+    def __init__(self, pad_token_id: int, micro_batch_size: int | None, active: Collection[str],
+                 apart: Collection[str] = ()) -> None:  # fmt: skip
         self.pad_token_id = pad_token_id
         self.micro_batch_size = micro_batch_size
         self.active = active
+        self.apart = set(apart)
 
     def __call__(self, items: list[dict]) -> dict[str, list[dict]]:
-        rows = [item for item in items if item["member"] in self.active]
-        size = self.micro_batch_size or max(len(rows), 1)
+        rows = sorted((item for item in items if item["member"] in self.active), key=lambda r: -len(r["input_ids"]))
         chunks = []
-        for start in range(0, len(rows), size):
-            part = rows[start : start + size]
-            batch = collate_examples(part, self.pad_token_id)
-            batch["adapter_names"] = [row["adapter_name"] for row in part]
-            batch["members"] = [row["member"] for row in part]
-            chunks.append(batch)
+        together = [r for r in rows if r["member"] not in self.apart]
+        for group in (together, [r for r in rows if r["member"] in self.apart]):
+            size = self.micro_batch_size or max(len(group), 1)
+            for start in range(0, len(group), size):
+                part = group[start : start + size]
+                batch = collate_examples(part, self.pad_token_id)
+                batch["adapter_names"] = [row["adapter_name"] for row in part]
+                batch["members"] = [row["member"] for row in part]
+                chunks.append(batch)
         return {"micro_batches": chunks}
 
 
@@ -368,13 +377,14 @@ def train_packed(
                                    progress=progress)  # fmt: skip
     args = training_arguments(schedule, micro_batch=1, accumulation=1, multiple=True)
     active = {m.key for m in packed}
+    virtual = {m.key for m in packed if any(model.virtual_tokens.holds(n) for n in m.result.adapters.values())}
     sampler = PackBatchSampler([(m.offset, m.size, m.config.batch_size, m.config.seed) for m in packed], total_steps)
     callback = _PackCallback(eval_steps(total_steps) if callable(eval_steps) else eval_steps, on_evaluate, on_step)
     trainer = PackedTrainer(
         model=model,
         args=args,
         train_dataset=items,
-        data_collator=PackCollator(tokenizer.pad_token_id, micro_batch_size, active),
+        data_collator=PackCollator(tokenizer.pad_token_id, micro_batch_size, active, virtual),
         adapter_lr=None if full else adapter_lr,
         full=bool(full),
         callbacks=[callback],

@@ -58,8 +58,10 @@ def validation_losses(model, items: Sequence[dict[str, Any]], adapter_names: Seq
     pad = model.tokenizer.pad_token_id
     virtual_rows = {i for i, name in enumerate(adapter_names) if name is not None and model.virtual_tokens.holds(name)}
     out: dict[int, tuple[float, int]] = {}
-    # Rows through prompt or prefix tuning need every position's logits: batch them apart from the others.
+    # Rows through prompt or prefix tuning need every position's logits: batch them apart from the others;
+    # within each group, rows of similar length together (less padding).
     for group in ([i for i in range(len(items)) if i not in virtual_rows], sorted(virtual_rows)):
+        group = sorted(group, key=lambda i: (-len(items[i]["input_ids"]), i))
         with torch.no_grad():
             for start in range(0, len(group), batch_size):
                 rows = group[start : start + batch_size]
