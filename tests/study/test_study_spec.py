@@ -135,7 +135,7 @@ def test_unseen_scores_need_validation_tasks(tmp_path):
         load_study_data(load_spec(spec_file(tmp_path, **{"validation_tasks = 1": "validation_tasks = 2"})).data)
 
 
-def test_the_cpu_profile_plans_resumable_packs_of_at_most_five(tmp_path):
+def test_the_cpu_profile_plans_resumable_packs_of_at_most_four(tmp_path):
     from flora.data import suite
     from study.support import write_sni_dir
 
@@ -146,7 +146,7 @@ def test_the_cpu_profile_plans_resumable_packs_of_at_most_five(tmp_path):
     assert (len(study.train_tasks), len(study.validation_tasks), len(study.test_tasks)) == (24, 5, 10)
     trials = plan_trials(spec, study)
     packs = plan_packs(trials, spec)
-    assert len(trials) == 48 and max(len(p.trials) for p in packs) == 5
+    assert len(trials) == 44 and max(len(p.trials) for p in packs) == 4
     methods = {t.method for t in trials}
     assert {"prefix_tuning", "bitfit", "prompt_tuning", "zero_shot"} <= methods
     lora = sorted({t.learning_rate for t in trials if t.method == "lora" and t.size == 8 and t.num_tasks == 24})

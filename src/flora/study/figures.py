@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,6 +56,12 @@ def _errors(rows: Sequence[dict[str, Any]], column: str) -> np.ndarray:
     return np.array([[r[column] - r[f"{column}_low"] for r in rows], [r[f"{column}_high"] - r[column] for r in rows]])
 
 
+def _ticks(ax, values: Sequence[float], label) -> None:
+    """Ticks at exactly ``values`` on a log axis, labelled as written (1e-03, 32), no minor ticks."""
+    ax.set_xticks(values, [label(v) for v in values])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def _baseline(ax, value: float | None) -> None:
     if value is not None and math.isfinite(value):
         ax.axhline(value, label="zero-shot base model", **BASELINE)
@@ -84,6 +91,7 @@ def experiment_figure(rows: Sequence[dict[str, Any]], axis: str, panels: Sequenc
                                 capsize=3, label=label, **style(index))  # fmt: skip
             if axis == "learning_rate":
                 ax.set_xscale("log")
+                _ticks(ax, sorted({r[axis] for r in rows}), format_rate)
             if axis == "num_tasks":
                 ax.set_xticks(sorted({r[axis] for r in rows}))
         else:
@@ -120,6 +128,7 @@ def _size_figure(rows, panels, path: Path, title: str, baseline: dict[str, float
                                 **style(index))  # fmt: skip
             _baseline(ax, baseline.get(column))
             ax.set_xscale("log", base=2)
+            _ticks(ax, sorted({r["size"] for r in members}), str)
             ax.set_xlabel(kind)
             ax.set_ylabel(panel_title)
             ax.grid(alpha=0.3)

@@ -164,10 +164,11 @@ def write_report(directory: str | Path) -> Path:
         figure_number += 1
         main = splits[-1]
         figures.params_figure(chosen_rows, main, f"{SPLIT_TITLES[main]}: {metric}", files.figure("params.png"),
-                              baseline.get(main), n)  # fmt: skip
+                              baseline.get(main), _n(results, [main]))  # fmt: skip
         out += ["## Score against trainable parameters", "", f"![params]({FIGURES_DIR}/params.png)", "",
                 f"*Figure {figure_number}.* Trials: the headline's settings (each method chosen on validation). "
-                f"Metric: {SPLIT_TITLES[main]} {metric} at the final step (step {step}), 95 % intervals ({n}); "
+                f"Metric: {SPLIT_TITLES[main]} {metric} at the final step (step {step}), 95 % intervals "
+                f"({_n(results, [main])}); "
                 f"dashed grey: the zero-shot base model.", ""]  # fmt: skip
 
     if spec["training"].get("adapter_per") == "category":
