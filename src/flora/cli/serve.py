@@ -180,10 +180,5 @@ def run(args) -> int:
     settings.check()
     replicas = replica_settings_from_args(args)
     replicas.check()
-    if replicas.on_ray:
-        from flora.serve.replicas import serve_replicas
-
-        serve_replicas(settings, replicas)
-    else:
-        serve(settings)
+    serve(settings, replicas)
     return 0

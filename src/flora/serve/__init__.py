@@ -10,6 +10,7 @@ Modules:
 - `registry`: adapters by name, loaded on first use, LRU eviction, pinning, in-place reloads.
 - `metrics`: Prometheus metrics.
 - `server`: `ServeSettings`, `build_state` and `serve`.
+- `replicas`: ``--replicas N``: N servers as one Ray Serve application, routed by adapter.
 
 The design, the API and measurements: ``docs/serving.md``.
 """

@@ -20,6 +20,7 @@ from flora.serve.app import DEFAULT_MAX_REQUEST_BYTES, ServerState, create_app
 from flora.serve.engine import BATCHING, Engine, EngineLimits
 from flora.serve.metrics import ServerMetrics
 from flora.serve.registry import AdapterLoadError, AdapterRegistry
+from flora.serve.replicas import ReplicaSettings, serve_replicas
 
 logger = logging.getLogger("flora.serve")
 
@@ -139,8 +140,12 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
     )  # fmt: skip
 
 
-def serve(settings: ServeSettings) -> None:
-    """Run the server until interrupted."""
+def serve(settings: ServeSettings, replicas: ReplicaSettings | None = None) -> None:
+    """Run the server until interrupted: in this process, or as a Ray Serve application when
+    ``replicas`` asks for Ray (`flora.serve.replicas`)."""
+    if replicas is not None and replicas.on_ray:
+        serve_replicas(settings, replicas)
+        return
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
