@@ -13,9 +13,34 @@ Modules:
 - `replicas`: ``--replicas N``: N servers as one Ray Serve application, routed by adapter.
 
 The design, the API and measurements: ``docs/serving.md``.
+
+The public names are imported on first use (PEP 562), as `flora`'s: the modules that need no model
+(`protocol`, `auth`, `body_limit`, `replicas`: what Ray Serve's ingress runs) load no torch.
 """
 
-from flora.serve.app import ServerState, create_app
-from flora.serve.server import ServeSettings, build_state, serve
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it.
+_EXPORTS = {"ServerState": "flora.serve.app", "create_app": "flora.serve.app", "ServeSettings": "flora.serve.server",
+            "build_state": "flora.serve.server", "serve": "flora.serve.server"}  # fmt: skip
 
 __all__ = ["ServeSettings", "ServerState", "build_state", "create_app", "serve"]
+
+if TYPE_CHECKING:
+    from flora.serve.app import ServerState, create_app
+    from flora.serve.server import ServeSettings, build_state, serve
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

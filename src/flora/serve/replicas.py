@@ -391,15 +391,25 @@ class EngineReplica:
         await self.lifespan.__aexit__(None, None, None)  # the engine and the registry's reader stop
 
 
+@dataclass(frozen=True)
+class IngressSettings:
+    """What the ingress needs of `ServeSettings` (which it does not import: that would load torch)."""
+
+    routing: str
+    api_key: str | None
+    max_request_bytes: int
+    max_queue: int
+
+
 class Ingress:
     """The HTTP entry of the application (``FloraIngress``): see the module docstring."""
 
-    async def __init__(self, engine: DeploymentHandle, settings: ServeSettings, replica: ReplicaSettings) -> None:
+    async def __init__(self, engine: DeploymentHandle, settings: IngressSettings) -> None:
         from ray import serve
 
         self.engine = engine
         self.settings = settings
-        self.multiplexed = replica.routing == "multiplexed"
+        self.multiplexed = settings.routing == "multiplexed"
         self.catalog = _catalog(serve.get_replica_context().app_name, create=True)
         self.version = await self.catalog.version.remote()
         self.ops_lock = asyncio.Lock()  # loads and unloads one at a time, in the catalog's order
@@ -495,7 +505,8 @@ def application(settings: ServeSettings, replica: ReplicaSettings) -> Applicatio
     engine = serve.deployment(EngineReplica, **engine_options)
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS, num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING)  # fmt: skip
-    return ingress.bind(engine.bind(settings, replica), settings, replica)
+    entry = IngressSettings(replica.routing, settings.api_key, settings.max_request_bytes, settings.max_queue)
+    return ingress.bind(engine.bind(settings, replica), entry)
 
 
 def build_app(args: dict[str, str]) -> Application:
