@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", help="the earlier commit (any git revision)")
+    parser.add_argument("--model", default="smollm2-135m", help="random:NAME only against commits that have it")
     parser.add_argument("--processes", type=int, default=2, help="processes per tree, alternated")
     parser.add_argument("--distinct", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=5, help="paired calls per system in one process")
@@ -36,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     distincts = [int(d) for d in args.distinct.split(",")]
     if args.measure:
-        print(json.dumps(measure_here(distincts, args.rounds)))
+        print(json.dumps(measure_here(args.model, distincts, args.rounds)))
         return
     if not args.against:
         parser.error("--against REV is required")
@@ -66,7 +67,8 @@ def main() -> None:
     if args.json:
         from harness import write_json
 
-        write_json(args.json, {"benchmark": "generation_ab", "against": against, "head": head, "rows": 16,
+        write_json(args.json, {"benchmark": "generation_ab", "model": args.model, "against": against, "head": head,
+                               "rows": 16,
                                "prompt_tokens": 32, "new_tokens": 32, "rank": 8, "rounds": args.rounds,
                                "runs": runs, "median_ratio_to_base": summary})  # fmt: skip
 
@@ -78,20 +80,21 @@ def git(*command: str) -> str:
 def run_process(src: Path, args: argparse.Namespace) -> dict[str, float]:
     """One measuring process importing flora from ``src``; its paired ratios by distinct adapters."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)])}
-    command = [sys.executable, __file__, "--measure", "--distinct", args.distinct, "--rounds", str(args.rounds)]
+    command = [sys.executable, __file__, "--measure", "--model", args.model, "--distinct", args.distinct,
+               "--rounds", str(args.rounds)]  # fmt: skip
     done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_here(distincts: list[int], rounds: int) -> dict[str, float]:
+def measure_here(model_name: str, distincts: list[int], rounds: int) -> dict[str, float]:
     import torch
     from harness import Case, assignment, measure, randomize, token_rows
 
     from flora import AdapterModel, LoraConfig, load_base
 
     torch.manual_seed(0)
-    base, tokenizer = load_base("smollm2-135m")
-    model = AdapterModel(load_base("smollm2-135m")[0], tokenizer)
+    base, tokenizer = load_base(model_name)
+    model = AdapterModel(load_base(model_name)[0], tokenizer)
     for i in range(max(distincts)):
         model.add_adapter(f"lora{i}", LoraConfig(r=8, alpha=16))
         randomize(model.adapter_parameters(f"lora{i}"), seed=i)

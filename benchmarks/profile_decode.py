@@ -45,7 +45,7 @@ def main() -> None:
         ("base", None),
         (f"flora_lora_r8_{args.distinct}", assignment(args.rows, args.distinct, "lora")),
     ):
-        routed = contextlib.nullcontext() if names is None else model.routed(names, len(names))
+        routed = contextlib.nullcontext() if names is None else model.routed(model.routing(names))
         result["systems"][system] = profile_steps(system, model, routed, ids, mask, args.steps, args.top)
     if args.json:
         write_json(args.json, result)

@@ -46,10 +46,10 @@ def test_auto_records_one_choice_per_shape_and_equals_fixed_strategies():
     ids, mask = batch(rows=4)
     names = ["a0", "a1", None, "a2"]
     auto = model(ids, attention_mask=mask, adapter_names=names).logits
-    choices = dict(model.routing_state.tuner.choices)
+    choices = dict(model.runtime.tuner.choices)
     assert choices and set(choices.values()) <= set(LoraBank.strategies)
     model(ids, attention_mask=mask, adapter_names=names)
-    assert model.routing_state.tuner.choices == choices
+    assert model.runtime.tuner.choices == choices
     for strategy in LoraBank.strategies:
         model.strategy = strategy
         assert (model(ids, attention_mask=mask, adapter_names=names).logits - auto).abs().max() <= 1e-5
@@ -61,7 +61,7 @@ def test_one_lora_adapter_for_every_row_takes_segmented_without_measuring():
     model.add_adapter("b", LoraConfig(r=4))
     ids, mask = batch(rows=4)
     model(ids, attention_mask=mask, adapter_names=["a"] * 4)
-    assert model.routing_state.tuner.choices == {}  # nothing measured: two plain matmuls per group
+    assert model.runtime.tuner.choices == {}  # nothing measured: two plain matmuls per group
     model(ids, attention_mask=mask, adapter_names=["a", "a", "a", None])  # a row without: measured
-    assert set(model.routing_state.tuner.choices.values()) <= set(LoraBank.strategies)
-    assert model.routing_state.tuner.choices
+    assert set(model.runtime.tuner.choices.values()) <= set(LoraBank.strategies)
+    assert model.runtime.tuner.choices

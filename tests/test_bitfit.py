@@ -43,7 +43,7 @@ def _mixed_model(arch: str, strategy: str = "auto") -> AdapterModel:
 
 
 def test_bitfit_is_registered_and_exported():
-    assert METHODS["BITFIT"] == (BitFitConfig, BitFitBank)
+    assert METHODS["BITFIT"].config is BitFitConfig and METHODS["BITFIT"].bank is BitFitBank
     assert BitFitConfig().target_modules == "all-linear"
 
 

@@ -65,7 +65,7 @@ def _module_names(model: AdapterModel, name: str) -> set[str]:
 
 
 def test_bottleneck_is_registered_and_exported():
-    assert METHODS["BOTTLENECK"] == (BottleneckConfig, BottleneckBank)
+    assert METHODS["BOTTLENECK"].config is BottleneckConfig and METHODS["BOTTLENECK"].bank is BottleneckBank
     config = BottleneckConfig()
     assert (config.style, config.non_linearity, config.target_modules) == ("houlsby", "relu", None)
 

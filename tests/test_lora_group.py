@@ -9,8 +9,8 @@ from conftest import VOCAB, tiny_model
 
 from flora import AdapterModel, LoraConfig
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
-from flora.methods.lora_group import GroupRun
-from flora.methods.slot_tables import SlotTables
+from flora.methods.batch import AdapterBatch, GroupRun
+from flora.methods.slot_tables import GroupTables, SlotWrites
 
 CONFIGS = {  # adapter -> config: mixed ranks, and adapters that leave some siblings unadapted
     "llama": {"r4": LoraConfig(r=4, alpha=8),
@@ -199,12 +199,12 @@ def test_kept_tables_write_a_changed_row_once_for_every_group(monkeypatch):
     model = _model()
     model.strategy = "bmm"
     model.adapters_read_only = True
-    writes = []
-    write_slot = SlotTables._write_slot
-    monkeypatch.setattr(SlotTables, "_write_slot", staticmethod(lambda *a: writes.append(a) or write_slot(*a)))
+    writes, runs = [], []  # (group tables, row) collected for writing; writes run
+    collect, run = GroupTables.collect, SlotWrites.run
+    monkeypatch.setattr(GroupTables, "collect", lambda self, r, *a: writes.append((self, r)) or collect(self, r, *a))
+    monkeypatch.setattr(SlotWrites, "run", lambda self: runs.append(self) or run(self))
     ids = torch.randint(1, VOCAB, (12, 5), generator=torch.Generator().manual_seed(4))
-    groups = {id(bank.group): bank.group for bank in _lora_banks(model)}.values()
-    factors = sum(1 + len(group.banks) for group in groups)  # an A per group, a B per member (r4 adapts all)
+    groups = len({id(bank.group) for bank in _lora_banks(model)})
     steps = [  # (rows, rows written)
         (["r4", "r6", "r2"], None),  # first routing: every group's tables are made
         (["r4", "r6", "r4"], 1),  # one row changed, the same layout
@@ -218,16 +218,17 @@ def test_kept_tables_write_a_changed_row_once_for_every_group(monkeypatch):
         (["r6", "r2", "r4"], 0),
     ]
     for names, written in steps:
-        writes.clear()
+        writes.clear(), runs.clear()
         routing = model.routing(names, carry=True)
         with torch.inference_mode(), model.routed(routing):
             logits = model.base_model(ids[: len(names)]).logits
         expected = _merged_logits(model, ids[: len(names)], names)
         assert torch.allclose(logits, expected, atol=2e-5, rtol=1e-4), names
         if written is not None:
-            assert len(writes) == written, names
+            rows = {r for _, r in writes}
+            assert len(rows) == written and len(runs) == 1, names  # all the changed rows' copies at once
             if "r4" in names:  # each of them in every group's tables
-                assert all(len(slot) == factors for slot, _ in writes)
+                assert all(sum(row == r for _, row in writes) == groups for r in rows)
 
 
 def _lora_banks(model: AdapterModel):
@@ -237,25 +238,26 @@ def _lora_banks(model: AdapterModel):
 def test_a_group_computes_once_per_input_and_again_for_another():
     calls = []
 
-    def kernel(x):
+    def kernel(batch, x):
         calls.append(x)
         return [x * 2, x * 3]
 
     first, second = object(), object()
     run = GroupRun(kernel, {id(first): 0, id(second): 1})
+    batch = AdapterBatch(("a", "b"), torch.device("cpu"))
     x = torch.ones(2, 1, 4)
-    assert torch.equal(run.delta(first, x), 2 * x) and torch.equal(run.delta(second, x), 3 * x)
+    assert torch.equal(run.delta(first, batch, x), 2 * x) and torch.equal(run.delta(second, batch, x), 3 * x)
     assert len(calls) == 1 and run.input is None  # both read it: nothing is held
     y = torch.full((2, 1, 4), 5.0)
-    assert torch.equal(run.delta(second, y), 3 * y)  # a member meeting a new input computes again
-    assert torch.equal(run.delta(first, x), 2 * x) and len(calls) == 3
+    assert torch.equal(run.delta(second, batch, y), 3 * y)  # a member meeting a new input computes again
+    assert torch.equal(run.delta(first, batch, x), 2 * x) and len(calls) == 3
 
 
 def test_training_with_dropout_gives_each_layer_its_own_mask():
     model = AdapterModel(tiny_model("llama"))
     model.add_adapter("d", LoraConfig(r=4, dropout=0.5))
     group = _group_of(model, "model.layers.0.self_attn.q_proj")
-    routing = model._routing(["d", "d"], 2)
+    routing = model.routing(["d", "d"])
     model.eval()
     assert group.computes_together(routing)
     model.train()

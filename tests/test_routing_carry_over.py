@@ -1,6 +1,7 @@
-"""A routing made to ``carry`` runs what the layers compiled for the last routing of the same shape
-(`flora.routing`): each row still gets its own adapter, and nothing carries over where a layer's
-function would be wrong for the new rows."""
+"""A batch made to ``carry`` runs what the layers compiled for the last batch of the same shape
+(`flora.methods.batch`): each row still gets its own adapter, whatever the strategy, and nothing
+carries over where a layer's function would be wrong for the new rows (other kinds of adapters,
+other layers)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_a_routing_of_the_same_shape_runs_the_compiled_layers_of_the_last_with_i
     model = _model()
     first = model.routing(FIRST, carry=True)
     first_logits = _logits(model, first, _ids(5, 1))
-    assert first.reusable and first.layers and not first.carried
+    assert first.layers and not first.carried
 
     second = model.routing(SECOND, carry=True)
     assert second.shape == first.shape
@@ -79,23 +80,21 @@ def test_one_adapter_for_every_row_carries_over_its_plain_matmuls():
     model = _model(strategy="auto")  # one adapter, every row: `segmented` without measuring
     first = model.routing(["a0"] * 3, carry=True)
     _logits(model, first, _ids(3, 1))
-    assert first.reusable
     second = model.routing(["a3"] * 4, carry=True)
     _assert_rows_are_their_adapters(model, second, _ids(4, 2))
     assert second.carried and not _compiled_anew(second)
 
 
-@pytest.mark.parametrize("strategy", ["segmented", "loop", "stacked"])
-def test_strategies_that_capture_rows_carry_nothing_over(strategy):
+@pytest.mark.parametrize("strategy", ["segmented", "loop", "stacked", "auto"])
+def test_every_strategy_carries_over_reading_the_rows_of_the_new_batch(strategy):
     model = _model(strategy)
     first = model.routing(FIRST, carry=True)
-    _logits(model, first, _ids(5, 1))
-    assert not first.reusable
-    assert not model.routing(SECOND, carry=True).carried
-    first = model.routing(FIRST, carry=True)
-    _logits(model, first, _ids(5, 1))
-    model.routing(["a0", "a1", "a2", "a3", "a4"], carry=True)  # another shape
-    assert all(kept is not first for kept in model._carriers.values())  # its row indices and tensors let go
+    first_logits = _logits(model, first, _ids(5, 1))
+    second = model.routing(SECOND, carry=True)
+    assert set(map(id, second.carried.values())) == set(map(id, first.layers.values()))
+    _assert_rows_are_their_adapters(model, second, _ids(6, 2, tokens=4))
+    assert not _compiled_anew(second)
+    assert torch.equal(_logits(model, first, _ids(5, 1)), first_logits)  # the first, run again: its own rows
 
 
 def test_another_shape_or_kind_of_adapter_or_changed_layers_carry_nothing_over():
@@ -106,9 +105,16 @@ def test_another_shape_or_kind_of_adapter_or_changed_layers_carry_nothing_over()
     assert not model.routing(FIRST * 2, carry=True).carried  # 10 rows: bucket 16
     assert not model.routing(FIRST).carried  # not asked to
     model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))  # another kind; no new banks
-    assert model.routing(SECOND, carry=True).carried
-    mixed = model.routing(["other", *SECOND[1:]], carry=True)
-    assert mixed.shape is None and not mixed.carried
+    _randomize(model, "other")
+    second = model.routing(SECOND, carry=True)
+    assert second.carried
+    mixed = model.routing(["other", *SECOND[1:]], carry=True)  # two kinds: another shape
+    assert mixed.shape != second.shape and not mixed.carried
+    _assert_rows_are_their_adapters(model, mixed, _ids(6, 4))
+    mixed_again = model.routing(["a3", "other", "a0", None, "a4", None], carry=True)  # the same two kinds
+    assert mixed_again.carried
+    _assert_rows_are_their_adapters(model, mixed_again, _ids(6, 5))
+    assert not _compiled_anew(mixed_again)
     model.add_adapter("mlp", LoraConfig(r=4, target_modules=["down_proj"]))  # new banks and groups
     renewed = model.routing(SECOND, carry=True)
     assert renewed.shape != first.shape and not renewed.carried

@@ -1,26 +1,29 @@
 """What every PEFT method shares: its config (with Hugging Face PEFT's JSON names) and its *bank*.
 
 A bank is one method's adapters in one adapted layer: the parameters of every loaded adapter of
-that method, keyed by adapter name (``ParameterDict``, PEFT's layout per adapter). For a routing
-it derives a *plan* (which rows use which of its adapters) and from that builds closures with
-the strategy chosen and the per-row weights gathered; the layer keeps them for as long as the
-routing lives, so the decode steps of a `generate` call only run kernels.
+that method, keyed by adapter name (``ParameterDict``, PEFT's layout per adapter). For a batch
+(`flora.methods.batch.AdapterBatch`) it finds its rows (a `Plan`) and compiles its steps: closures
+``(batch, x) -> ...`` with the strategy chosen, which derive the batch's per-row weights when they
+first run under it (`flora.methods.batch.PerBatch`). The layer compiles once per batch and input
+shape, so the decode steps of a `generate` call only run kernels, and a batch of the same shape
+runs the same steps with its own rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from flora.kernels.autotune import token_bucket
-from flora.routing import Routing, RoutingState
+from flora.methods.batch import AdapterBatch, AdapterRuntime, PerBatch, Plan
+
+K = TypeVar("K")
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
@@ -100,23 +103,6 @@ def pad_rank(t: Tensor, rank: int, dim: int) -> Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-@dataclass
-class Plan:
-    """What a bank derives from one routing: which rows use which of its adapters."""
-
-    groups: dict[str, list[int]]  # adapter -> rows, in first-seen order
-    device: torch.device
-
-    def one_adapter_for_all(self, batch_size: int) -> bool:
-        """Whether one adapter serves every one of ``batch_size`` rows."""
-        return len(self.groups) == 1 and len(next(iter(self.groups.values()))) == batch_size
-
-    @functools.cached_property
-    def rows(self) -> dict[str, Tensor]:
-        """The same rows as index tensors."""
-        return {name: torch.tensor(rows, device=self.device) for name, rows in self.groups.items()}
-
-
 class Bank(nn.Module):
     """All adapters of one method in one layer with ``in_features -> out_features``.
 
@@ -135,24 +121,28 @@ class Bank(nn.Module):
     # Under "auto", the strategy taken without measuring when one adapter serves every row (for
     # LoRA: ``segmented``, then two plain matmuls); ``None`` measures as for any other batch.
     whole_batch_strategy: ClassVar[str | None] = None
-    # Whether this bank's compiled steps read the rows' adapters from the routing in force when they
-    # run (so that they may serve another routing of the same shape, `flora.routing`), rather than
-    # capture row indices when compiled. A bank that says so clears ``Routing.reusable`` itself
-    # for strategies that capture them.
-    reads_names_when_run: ClassVar[bool] = False
 
-    def __init__(self, in_features: int, out_features: int, state: RoutingState) -> None:
+    def __init__(self, in_features: int, out_features: int, runtime: AdapterRuntime) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._state = [state]  # a list, so nn.Module does not register it
+        self._runtime = [runtime]  # a list, so nn.Module does not register it
 
     @property
-    def state(self) -> RoutingState:
-        return self._state[0]
+    def runtime(self) -> AdapterRuntime:
+        return self._runtime[0]
 
     def adapters(self) -> list[str]:
         raise NotImplementedError
+
+    def holds(self, name: str) -> bool:
+        """Whether adapter ``name`` has weights in this bank."""
+        return name in getattr(self, self.param_names[0].split(".")[0])
+
+    def kind(self, name: str) -> Hashable:
+        """What of adapter ``name`` here decides this bank's compiled steps beyond which rows use it
+        (`flora.methods.batch.AdapterRuntime.shape`): its rank by default."""
+        return self.rank(name)
 
     @classmethod
     def shapes(
@@ -213,42 +203,28 @@ class Bank(nn.Module):
     def _parameter_dicts(self) -> list[str]:
         return [n for n, m in self.named_children() if isinstance(m, nn.ParameterDict)]
 
-    # -- forward: each hook returns a closure with its strategy and per-row weights bound ---------
+    # -- forward: each hook returns a step ``(batch, ...) -> ...`` with its strategy chosen ------------
 
-    def plan(self, routing: Routing) -> Plan | None:
-        """The rows of this batch that use one of this bank's adapters (``None`` if there are none)."""
-        key = (id(self), "plan")
-        if key not in routing.memo:
-            groups = routing.rows_by_adapter(self.adapters())
-            routing.memo[key] = Plan(groups, routing.device) if groups else None
-        return routing.memo[key]
-
-    def prepared(self, routing: Routing, strategy: str, build: Callable[[], Any]) -> Any:
-        """``build()`` (a strategy's kernel with its per-row weights) once per routing and strategy:
-        prefill and decode steps of one `generate` share it. Under autograd, built in every call
-        (activation checkpointing re-runs the forward and must see the same operations)."""
-        if torch.is_grad_enabled():
-            return build()
-        key = (id(self), strategy)
-        if key not in routing.memo:
-            routing.memo[key] = build()
-        return routing.memo[key]
+    def plan(self, batch: AdapterBatch) -> Plan | None:
+        """The rows of ``batch`` that use one of this bank's adapters (``None`` if there are none)."""
+        return batch.plan(self, self.holds)
 
     def choose_strategy(
-        self, plan: Plan, x: Tensor, trial: Callable[[str], Callable[[], Tensor]], shape: tuple | None = None
-    ) -> str:
-        """The strategy in force: the model's choice when this method has it, the measured fastest
-        under ``"auto"``, else this method's default. ``trial(name)`` is a thunk that computes this
-        bank's output for the sample ``x: [batch, tokens, in]`` with strategy ``name``, without
-        side effects (built only when measuring). ``shape`` names what is computed, for the
-        autotuner's key (default: this layer's features and the largest rank in the batch)."""
-        wanted = self.state.strategy
+        self, plan: Plan, x: Tensor, build: Callable[[str], K], shape: tuple | None = None,
+        trial: Callable[[K], Tensor] | None = None,
+    ) -> K:  # fmt: skip
+        """``build(strategy)`` for the strategy in force: the model's choice when this method has it, the
+        measured fastest under ``"auto"``, else this method's default. ``trial(built)`` computes this
+        bank's output for the sample ``x: [batch, tokens, in]`` with what ``build`` made, without side
+        effects (called only when measuring). ``shape`` names what is computed, for the autotuner's key
+        (default: this layer's features and the largest rank in the batch)."""
+        wanted = self.runtime.strategy
         if wanted in self.strategies:
-            return wanted
+            return build(wanted)
         if wanted != "auto" or len(self.strategies) == 1:
-            return self.strategies[0]
+            return build(self.strategies[0])
         if self.whole_batch_strategy and plan.one_adapter_for_all(x.shape[0]):
-            return self.whole_batch_strategy
+            return build(self.whole_batch_strategy)
         if shape is None:
             shape = (self.in_features, self.out_features, max(self.rank(n) for n in plan.groups))
         # Sizes are bucketed (powers of two): a server's ever-changing batches share measurements.
@@ -256,43 +232,54 @@ class Bank(nn.Module):
             self.method, shape, token_bucket(x.shape[0]), token_bucket(x.shape[1]), token_bucket(len(plan.groups)),
             token_bucket(sum(map(len, plan.groups.values()))), x.device.type, x.dtype, torch.is_grad_enabled(),
         )  # fmt: skip
-        tuner = self.state.tuner
-        return tuner.choices.get(key) or tuner.pick(key, {name: trial(name) for name in self.strategies})
+        tuner = self.runtime.tuner
+        choice = tuner.choices.get(key)
+        if choice is not None:
+            return build(choice)
+        built = {name: build(name) for name in self.strategies}
+        choice = tuner.pick(key, {name: (lambda k=k: trial(k)) for name, k in built.items()})
+        # The candidates ran without autograd: under it, what the chosen one derived is derived again.
+        return build(choice) if torch.is_grad_enabled() else built[choice]
 
     def rank(self, name: str) -> int:
         return 1
 
-    def input_step(self, plan: Plan, routing: Routing) -> Callable[[Tensor], Tensor] | None:
-        """``x -> x`` applied before the base layer (IA3 on feed-forward layers), or ``None``."""
+    def input_step(self, batch: AdapterBatch) -> Callable[[AdapterBatch, Tensor], Tensor] | None:
+        """``(batch, x) -> x`` applied before the base layer (IA3 on feed-forward layers), or ``None``."""
         return None
 
-    def base_step(self, plan: Plan, routing: Routing, layer: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """``x -> out`` replacing the base layer (multiplicative methods)."""
+    def base_step(self, batch: AdapterBatch, layer: nn.Module, x: Tensor) -> Callable[[AdapterBatch, Tensor], Tensor]:
+        """``(batch, x) -> out`` replacing the base layer (multiplicative methods)."""
         raise NotImplementedError
 
     def output_step(
-        self, plan: Plan, routing: Routing, x: Tensor, base: Callable[[Tensor], Tensor]
-    ) -> Callable[[Tensor, Tensor], Tensor] | None:
-        """``(x, out) -> out`` applied after the base layer (additive and output-scaling methods), or
-        ``None``. ``x`` is a sample input and ``base`` the base computation, for measuring."""
+        self, batch: AdapterBatch, x: Tensor, base: Callable[[AdapterBatch, Tensor], Tensor]
+    ) -> Callable[[AdapterBatch, Tensor, Tensor], Tensor] | None:
+        """``(batch, x, out) -> out`` applied after the base layer (additive and output-scaling methods),
+        or ``None``. ``x`` is a sample input and ``base`` the base computation, for measuring."""
         return None
 
     def fused_step(
-        self, plan: Plan, routing: Routing, layer: nn.Module, x: Tensor
-    ) -> Callable[[Tensor], Tensor] | None:
-        """``x -> out``: the base layer and this bank's change in one step, used when this bank is the
-        only one with rows in the batch (LoRA: the update is the ``addmm`` input of the base matmul);
-        ``None`` when the method has no such form. ``x`` is a sample input."""
+        self, batch: AdapterBatch, layer: nn.Module, x: Tensor
+    ) -> Callable[[AdapterBatch, Tensor], Tensor] | None:
+        """``(batch, x) -> out``: the base layer and this bank's change in one step, used when this bank is
+        the only one with rows in the batch (LoRA: the update is the ``addmm`` input of the base
+        matmul); ``None`` when the method has no such form. ``x`` is a sample input."""
         return None
 
     # -- helpers for subclasses ----------------------------------------------------------------
 
-    def _row_table(self, plan: Plan, routing: Routing, identity: Tensor, rows_of) -> Tensor:
-        """``[batch, *identity.shape]``: ``rows_of(name)`` for the rows of this bank's adapters,
+    def row_table(self, identity: Tensor, rows_of: Callable[[str], Tensor]) -> PerBatch[Tensor]:
+        """``[batch, *identity.shape]`` per batch: ``rows_of(name)`` for the rows of this bank's adapters,
         ``identity`` for the others; one stack."""
-        per_adapter = {name: rows_of(name) for name in plan.groups}
-        per_row = [identity] * routing.batch_size
-        for name, rows in plan.groups.items():
-            for row in rows:
-                per_row[row] = per_adapter[name]
-        return torch.stack(per_row)
+
+        def build(batch: AdapterBatch) -> Tensor:
+            plan = self.plan(batch)
+            per_row = [identity] * batch.batch_size
+            for name, rows in plan.groups.items():
+                table = rows_of(name)
+                for row in rows:
+                    per_row[row] = table
+            return torch.stack(per_row)
+
+        return PerBatch(build)

@@ -72,12 +72,9 @@ class BitFitBank(Bank):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def output_step(self, plan, routing, x, base):
-        def build() -> Tensor:
-            like = self.bitfit_bias[next(iter(plan.groups))]
-            zeros = like.new_zeros(self.out_features)
-            return self._row_table(plan, routing, zeros, lambda n: self.bitfit_bias[n]).unsqueeze(1)
-
-        deltas = self.prepared(routing, "gather", build)  # [batch, 1, out]
-        batch, size = routing.batch_size, self.out_features
-        return lambda x, out: (out.reshape(batch, -1, size) + deltas).reshape(out.shape)
+    def output_step(self, batch, x, base):
+        size = self.out_features
+        deltas = self.row_table(next(iter(self.bitfit_bias.values())).new_zeros(size), self.bitfit_bias.__getitem__)
+        return lambda batch, x, out: (out.reshape(batch.batch_size, -1, size) + deltas(batch).unsqueeze(1)).reshape(
+            out.shape
+        )

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flora.methods.base import AdapterConfig, Bank, Plan, name_matches, pad_rank
-from flora.routing import Routing
+from flora.methods.base import AdapterConfig, Bank, name_matches, pad_rank
+from flora.methods.batch import AdapterBatch, PerBatch
 
 STYLES = ("houlsby", "pfeiffer")
 # Activations by name; each maps 0 to 0, which the padded ``bmm`` strategy relies on.
@@ -179,65 +179,75 @@ class BottleneckBank(Bank):
     def _activation(self, name: str) -> Callable[[Tensor], Tensor]:
         return ACTIVATIONS[self.non_linearity[name]]
 
-    def _kernel(self, strategy: str, plan: Plan, routing: Routing) -> Callable[[Tensor, Tensor], Tensor]:
-        """``(x, out: [batch, tokens, out]) -> out + delta`` for ``strategy`` (``x`` is unused: the
-        adapter reads the base output). ``loop`` and ``segmented`` update ``out`` in place."""
+    def _kernel(self, strategy: str) -> Callable[[AdapterBatch, Tensor], Tensor]:
+        """``(batch, out: [batch, tokens, out]) -> out + delta`` for ``strategy`` (the adapter reads the base
+        output). ``loop`` and ``segmented`` update ``out`` in place."""
         if strategy == "loop":
-            groups = [
-                (plan.rows[n], self.bottleneck_down[n], self.bottleneck_up[n], self._activation(n)) for n in plan.groups
-            ]
+            groups = PerBatch(lambda batch: [(rows, self.bottleneck_down[n], self.bottleneck_up[n], self._activation(n))
+                                             for n, rows in self.plan(batch).rows.items()])  # fmt: skip
 
-            def loop(x: Tensor, out: Tensor) -> Tensor:
-                deltas = [(rows, bottleneck_delta(out.index_select(0, rows), *rest)) for rows, *rest in groups]
+            def loop(batch: AdapterBatch, out: Tensor) -> Tensor:
+                deltas = [(rows, bottleneck_delta(out.index_select(0, rows), *rest)) for rows, *rest in groups(batch)]
                 for rows, delta in deltas:
                     out.index_add_(0, rows, delta)
                 return out
 
             return loop
         if strategy == "segmented":
-            order, segments, start = [], [], 0
-            for name, rows in plan.groups.items():
-                order.extend(rows)
-                weights = (self.bottleneck_down[name], self.bottleneck_up[name], self._activation(name))
-                segments.append((start, start + len(rows), *weights))
-                start += len(rows)
-            order_t = torch.tensor(order, device=routing.device)
 
-            def segmented(x: Tensor, out: Tensor) -> Tensor:
-                grouped = out.index_select(0, order_t)
+            def segments(batch: AdapterBatch) -> tuple[Tensor, list]:
+                order, segments = [], []
+                for name, rows in self.plan(batch).groups.items():
+                    weights = (self.bottleneck_down[name], self.bottleneck_up[name], self._activation(name))
+                    segments.append((len(order), len(order) + len(rows), *weights))
+                    order.extend(rows)
+                return torch.tensor(order, device=batch.device), segments
+
+            kept = PerBatch(segments)
+
+            def segmented(batch: AdapterBatch, out: Tensor) -> Tensor:
+                order, segments = kept(batch)
+                grouped = out.index_select(0, order)
                 delta = torch.cat([bottleneck_delta(grouped[s:e], *rest) for s, e, *rest in segments])
-                return out.index_add_(0, order_t, delta)
+                return out.index_add_(0, order, delta)
 
             return segmented
+        tables = PerBatch(self._row_tables)
+
+        def bmm(batch: AdapterBatch, out: Tensor) -> Tensor:
+            down_rows, up_rows, activation = tables(batch)
+            return torch.baddbmm(out, activation(torch.bmm(out, down_rows)), up_rows)
+
+        return bmm
+
+    def _row_tables(self, batch: AdapterBatch) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """For ``bmm``: ``down_rows [batch, out, size]``, ``up_rows [batch, size, out]`` (sizes zero-padded
+        to the largest, zeros for rows without an adapter) and the rows' activation."""
+        plan = self.plan(batch)
         size = max(self.rank(n) for n in plan.groups)
         like = self.bottleneck_down[next(iter(plan.groups))]
         zeros_down, zeros_up = like.new_zeros(self.out_features, size), like.new_zeros(size, self.out_features)
-        down_rows = self._row_table(plan, routing, zeros_down, lambda n: pad_rank(self.bottleneck_down[n].T, size, 1))
-        up_rows = self._row_table(plan, routing, zeros_up, lambda n: pad_rank(self.bottleneck_up[n].T, size, 0))
+        down_rows = self.row_table(zeros_down, lambda n: pad_rank(self.bottleneck_down[n].T, size, 1))(batch)
+        up_rows = self.row_table(zeros_up, lambda n: pad_rank(self.bottleneck_up[n].T, size, 0))(batch)
         by_activation: dict[str, list[int]] = {}
         for name, rows in plan.groups.items():
             by_activation.setdefault(self.non_linearity[name], []).extend(rows)
         if len({ACTIVATIONS[a] for a in by_activation}) == 1:
-            activation = ACTIVATIONS[next(iter(by_activation))]
-        else:  # rows of different activations: each applied where its rows are (other rows stay 0)
-            masks = []
-            for act, rows in by_activation.items():
-                mask = torch.zeros(routing.batch_size, 1, 1, dtype=torch.bool, device=like.device)
-                mask[rows] = True
-                masks.append((mask, ACTIVATIONS[act]))
+            return down_rows, up_rows, ACTIVATIONS[next(iter(by_activation))]
+        masks = []  # rows of different activations: each applied where its rows are (other rows stay 0)
+        for act, rows in by_activation.items():
+            mask = torch.zeros(batch.batch_size, 1, 1, dtype=torch.bool, device=like.device)
+            mask[rows] = True
+            masks.append((mask, ACTIVATIONS[act]))
 
-            def activation(h: Tensor) -> Tensor:
-                return functools.reduce(lambda h, mask_act: torch.where(mask_act[0], mask_act[1](h), h), masks, h)
+        def activation(h: Tensor) -> Tensor:
+            return functools.reduce(lambda h, mask_act: torch.where(mask_act[0], mask_act[1](h), h), masks, h)
 
-        return lambda x, out: torch.baddbmm(out, activation(torch.bmm(out, down_rows)), up_rows)
+        return down_rows, up_rows, activation
 
-    def output_step(self, plan, routing, x, base):
-        batch, size = routing.batch_size, self.out_features
-
-        def kernel(name: str):
-            return self.prepared(routing, name, lambda: self._kernel(name, plan, routing))
-
-        x3 = x.reshape(batch, -1, self.in_features)
-        sample_out = functools.cache(lambda: base(x).reshape(batch, -1, size))
-        run = kernel(self.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3, sample_out().clone())))
-        return lambda x, out: run(x, out.reshape(batch, -1, size)).reshape(out.shape)
+    def output_step(self, batch, x, base):
+        size = self.out_features
+        sample = functools.cache(lambda: base(batch, x).reshape(batch.batch_size, -1, size))
+        run = self.choose_strategy(self.plan(batch), x.reshape(batch.batch_size, -1, self.in_features), self._kernel,
+                                   trial=lambda kernel: kernel(batch, sample().clone()))  # fmt: skip
+        return lambda batch, x, out: run(batch, out.reshape(batch.batch_size, -1, size)).reshape(out.shape)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flora.kernels.flora import flora_dense, flora_elementwise
-from flora.methods.base import AdapterConfig, Bank, Plan, pad_rank, pattern_value
-from flora.routing import Routing
+from flora.methods.base import AdapterConfig, Bank, pad_rank, pattern_value
+from flora.methods.batch import AdapterBatch, PerBatch
 
 
 @dataclass
@@ -87,37 +87,41 @@ class FloraBank(Bank):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _kernel(self, strategy: str, plan: Plan, routing: Routing, weight: Tensor) -> Callable[[Tensor], Tensor]:
-        """``x: [batch, tokens, in] -> [batch, tokens, out]`` (no bias) for ``strategy``."""
-        like = self.flora_A[next(iter(plan.groups))]
+    def _kernel(self, strategy: str, weight: Tensor) -> Callable[[AdapterBatch, Tensor], Tensor]:
+        """``(batch, x: [batch, tokens, in]) -> [batch, tokens, out]`` (no bias) for ``strategy``."""
         if strategy == "loop":
-            used = {row for rows in plan.groups.values() for row in rows}
-            base = [row for row in range(routing.batch_size) if row not in used]
-            base_rows = torch.tensor(base, device=like.device) if base else None
-            groups = [(plan.rows[n], self.flora_A[n], self.flora_B[n]) for n in plan.groups]
-            return lambda x: flora_dense(x, weight, base_rows, groups, self.out_features)
-        rank = max(self.rank(n) for n in plan.groups)
-        identity_a = like.new_zeros(rank, self.out_features)
-        identity_a[0] = 1.0
-        ones_b = like.new_ones(rank, self.in_features)
-        b_rows = self._row_table(plan, routing, ones_b, lambda n: pad_rank(self.flora_B[n], rank, dim=0))
-        a_rows = self._row_table(
-            plan, routing, identity_a, lambda n: pad_rank(self.flora_A[n] / self.rank(n), rank, dim=0)
-        )
-        return lambda x: flora_elementwise(x, lambda t: F.linear(t, weight), b_rows, a_rows)
 
-    def base_step(self, plan, routing, layer, x):
-        batch = routing.batch_size
+            def groups(batch: AdapterBatch) -> tuple[Tensor | None, list[tuple[Tensor, Tensor, Tensor]]]:
+                plan = self.plan(batch)
+                used = {row for rows in plan.groups.values() for row in rows}
+                base = [row for row in range(batch.batch_size) if row not in used]
+                base_rows = torch.tensor(base, device=batch.device) if base else None
+                return base_rows, [(plan.rows[n], self.flora_A[n], self.flora_B[n]) for n in plan.groups]
+
+            kept = PerBatch(groups)
+            return lambda batch, x: flora_dense(x, weight, *kept(batch), self.out_features)
+
+        def tables(batch: AdapterBatch) -> tuple[Tensor, Tensor]:
+            plan = self.plan(batch)
+            rank = max(self.rank(n) for n in plan.groups)
+            like = self.flora_A[next(iter(plan.groups))]
+            identity_a = like.new_zeros(rank, self.out_features)
+            identity_a[0] = 1.0
+            b_rows = self.row_table(like.new_ones(rank, self.in_features), lambda n: pad_rank(self.flora_B[n], rank, 0))
+            a_rows = self.row_table(identity_a, lambda n: pad_rank(self.flora_A[n] / self.rank(n), rank, 0))
+            return b_rows(batch), a_rows(batch)
+
+        kept = PerBatch(tables)
+        return lambda batch, x: flora_elementwise(x, lambda t: F.linear(t, weight), *kept(batch))
+
+    def base_step(self, batch, layer, x):
         weight, bias = layer.weight_out_in(), layer.base_layer.bias
+        x3 = x.reshape(batch.batch_size, -1, self.in_features)
+        run = self.choose_strategy(self.plan(batch), x3, lambda name: self._kernel(name, weight),
+                                   trial=lambda kernel: kernel(batch, x3))  # fmt: skip
 
-        def kernel(name: str):
-            return self.prepared(routing, name, lambda: self._kernel(name, plan, routing, weight))
-
-        x3 = x.reshape(batch, -1, self.in_features)
-        run = kernel(self.choose_strategy(plan, x3, lambda name: lambda: kernel(name)(x3)))
-
-        def step(x: Tensor) -> Tensor:
-            out = run(x.reshape(batch, -1, self.in_features))
+        def step(batch: AdapterBatch, x: Tensor) -> Tensor:
+            out = run(batch, x.reshape(batch.batch_size, -1, self.in_features))
             if bias is not None:
                 out = out + bias
             return out.reshape(*x.shape[:-1], self.out_features)

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from flora.methods.base import AdapterConfig, Bank, Plan, name_matches
-from flora.routing import Routing
+from flora.methods.base import AdapterConfig, Bank, name_matches
+from flora.methods.batch import AdapterBatch
 
 
 @dataclass
@@ -72,23 +72,26 @@ class Ia3Bank(Bank):
         if bias is not None and not self._feedforward[name]:
             bias *= vector.flatten()
 
+    def kind(self, name: str) -> bool:
+        return self._feedforward[name]  # scales the input or the output
+
     # -- forward -------------------------------------------------------------------------------
 
-    def _scaling_step(self, plan: Plan, routing: Routing, feedforward: bool) -> Callable[[Tensor], Tensor] | None:
-        """``t -> t ∘ l_row`` over the input (feed-forward adapters) or the output (the others)."""
-        names = [n for n in plan.groups if self._feedforward[n] == feedforward]
-        if not names:
+    def _scaling_step(self, batch: AdapterBatch, feedforward: bool) -> Callable[[AdapterBatch, Tensor], Tensor] | None:
+        """``(batch, t) -> t ∘ l_row`` over the input (feed-forward adapters) or the output (the others)."""
+        if not any(self._feedforward[n] == feedforward for n in self.plan(batch).groups):
             return None
         size = self.in_features if feedforward else self.out_features
-        sub = Plan({n: plan.groups[n] for n in names}, plan.device)
-        like = self.ia3_l[names[0]]
-        scales = self._row_table(sub, routing, like.new_ones(size), lambda n: self.ia3_l[n].flatten()).unsqueeze(1)
-        batch = routing.batch_size
-        return lambda t: (t.reshape(batch, -1, size) * scales).reshape(t.shape)
+        like = next(iter(self.ia3_l.values()))
+        ones = like.new_ones(size)
+        scales = self.row_table(
+            ones, lambda n: self.ia3_l[n].flatten() if self._feedforward[n] is feedforward else ones
+        )
+        return lambda batch, t: (t.reshape(batch.batch_size, -1, size) * scales(batch).unsqueeze(1)).reshape(t.shape)
 
-    def input_step(self, plan, routing):
-        return self._scaling_step(plan, routing, feedforward=True)
+    def input_step(self, batch):
+        return self._scaling_step(batch, feedforward=True)
 
-    def output_step(self, plan, routing, x, base):
-        scale = self._scaling_step(plan, routing, feedforward=False)
-        return None if scale is None else (lambda x, out: scale(out))
+    def output_step(self, batch, x, base):
+        scale = self._scaling_step(batch, feedforward=False)
+        return None if scale is None else (lambda batch, x, out: scale(batch, out))

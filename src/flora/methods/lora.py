@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flora.methods.base import AdapterConfig, Bank, Plan, pattern_value
+from flora.methods.base import AdapterConfig, Bank, pattern_value
+from flora.methods.batch import AdapterBatch
 from flora.methods.lora_group import LoraGroup
-from flora.routing import Routing
 
 
 @dataclass
@@ -67,13 +67,12 @@ class LoraBank(Bank):
     strategies = ("bmm", "loop", "segmented", "stacked")
     whole_batch_strategy = "segmented"
     param_names = ("lora_A.weight", "lora_B.weight")
-    reads_names_when_run = True  # with ``bmm``; `LoraGroup` clears ``Routing.reusable`` for the others
 
-    def __init__(self, in_features, out_features, state) -> None:
-        super().__init__(in_features, out_features, state)
+    def __init__(self, in_features, out_features, runtime) -> None:
+        super().__init__(in_features, out_features, runtime)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.ranks: dict[str, int] = {}  # plain dicts: read per routing, faster than the ParameterDicts
+        self.ranks: dict[str, int] = {}  # plain dicts: read per batch, faster than the ParameterDicts
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         # The LoRA banks of the sibling layers that read the same input (`AdapterModel` links them),
@@ -83,6 +82,9 @@ class LoraBank(Bank):
 
     def adapters(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def holds(self, name: str) -> bool:
+        return name in self.ranks
 
     def rank(self, name: str) -> int:
         return self.ranks[name]
@@ -128,54 +130,52 @@ class LoraBank(Bank):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def scaled_b(self, name: str) -> Tensor:
-        """``s · B``, ``[out, r]``."""
-        return self.lora_B[name] * self.scaling[name]
-
-    def _dropout(self, plan: Plan, routing: Routing) -> Callable[[Tensor], Tensor] | None:
-        """Each row's adapter's dropout on the LoRA path's input (training only), or ``None``."""
+    def _dropout(self, batch: AdapterBatch) -> Callable[[AdapterBatch, Tensor], Tensor] | None:
+        """Each row's adapter's dropout on the LoRA path's input (training only: nothing carries over,
+        so the steps compiled for a batch run only under it), or ``None``."""
         if not self.training:
             return None
+        plan = self.plan(batch)
         rates = {self.dropout[n] for n in plan.groups}
         if rates == {0.0}:
             return None
-        if len(rates) == 1 and sum(map(len, plan.groups.values())) == routing.batch_size:
+        if len(rates) == 1 and sum(map(len, plan.groups.values())) == batch.batch_size:
             rate = rates.pop()
-            return lambda x: F.dropout(x, rate, training=True)
-        keep = torch.ones(routing.batch_size, 1, 1, device=routing.device)
+            return lambda batch, x: F.dropout(x, rate, training=True)
+        keep = torch.ones(batch.batch_size, 1, 1, device=batch.device)
         for name, rows in plan.rows.items():
             keep[rows] = 1.0 - self.dropout[name]
 
-        def dropout(x: Tensor) -> Tensor:
-            x3, rows = x.reshape(routing.batch_size, -1, x.shape[-1]), keep.to(x.dtype)
+        def dropout(batch: AdapterBatch, x: Tensor) -> Tensor:
+            x3, rows = x.reshape(batch.batch_size, -1, x.shape[-1]), keep.to(x.dtype)
             return x3 * torch.bernoulli(rows.expand_as(x3)) / rows
 
         return dropout
 
-    def _delta(self, plan: Plan, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """``x -> [batch, tokens, out]``: this layer's update, computed with its siblings' unless
+    def _delta(self, batch: AdapterBatch, x: Tensor) -> Callable[[AdapterBatch, Tensor], Tensor]:
+        """``(batch, x) -> [batch, tokens, out]``: this layer's update, computed with its siblings' unless
         dropout (training) needs a mask of each layer's own on the input."""
-        dropout = self._dropout(plan, routing)
+        dropout = self._dropout(batch)
         if dropout is not None:
-            delta = self.own_group.member_delta(self, routing, x)
-            return lambda x: delta(dropout(x))
-        group = self.group if self.group.computes_together(routing) else self.own_group
-        return group.member_delta(self, routing, x)
+            delta = self.own_group.member_delta(self, batch, x)
+            return lambda batch, x: delta(batch, dropout(batch, x))
+        group = self.group if self.group.computes_together(batch) else self.own_group
+        return group.member_delta(self, batch, x)
 
-    def output_step(self, plan, routing, x, base):
-        delta = self._delta(plan, routing, x)
-        return lambda x, out: out + delta(x).reshape(out.shape)
+    def output_step(self, batch, x, base):
+        delta = self._delta(batch, x)
+        return lambda batch, x, out: out + delta(batch, x).reshape(out.shape)
 
-    def fused_step(self, plan, routing, layer, x):
+    def fused_step(self, batch, layer, x):
         """``Δ + x W0ᵀ`` (plus the bias): the base matmul accumulates into the update (``addmm``)."""
-        if self._dropout(plan, routing) is not None:
+        if self._dropout(batch) is not None:
             return None
-        delta = self._delta(plan, routing, x)
+        delta = self._delta(batch, x)
         weight_in_out = layer.weight_out_in().T
         bias = layer.base_layer.bias
 
-        def step(x: Tensor) -> Tensor:
-            update, x2 = delta(x).reshape(-1, self.out_features), x.reshape(-1, self.in_features)
+        def step(batch: AdapterBatch, x: Tensor) -> Tensor:
+            update, x2 = delta(batch, x).reshape(-1, self.out_features), x.reshape(-1, self.in_features)
             # In place without autograd; under it, the update may be a column slice whose storage a
             # sibling's output (saved for backward) shares.
             out = (

@@ -22,7 +22,7 @@ output, and loading gives a plain (projection-free) prefix, as PEFT does.
 
 Initialisation (``init_weights``, as PEFT): ``None`` draws the prefix (or the embedding) from N(0, 1)
 with ``nn.Linear``'s default for the MLP; ``"zero"`` starts at zero prefixes (the last MLP layer zero).
-How the rows of one batch each get their own prefix (or none): `flora.virtual_tokens`.
+How the rows of one batch each get their own prefix (or none): `flora.model.virtual_tokens`.
 """
 
 from __future__ import annotations
@@ -139,6 +139,9 @@ class PrefixBank(nn.Module):
 
     def adapters(self) -> list[str]:
         return [*self.prefixes, *self.encoders]
+
+    def holds(self, name: str) -> bool:
+        return name in self.prefixes or name in self.encoders
 
     def add(
         self,

@@ -8,7 +8,7 @@ arXiv 2104.08691). An adapter is one matrix ``P: [n, hidden]`` (``n = num_virtua
 
 where ``E`` is the base model's (frozen) input embedding; only ``P`` is trained. The ``n`` virtual
 tokens take positions ``0 .. n-1`` and the row's real tokens follow them. How the rows of one batch
-each get their own prompt (or none): `flora.virtual_tokens`.
+each get their own prompt (or none): `flora.model.virtual_tokens`.
 
 Files follow Hugging Face PEFT: ``adapter_config.json`` with ``peft_type = "PROMPT_TUNING"`` and
 PEFT's field names, ``adapter_model.safetensors`` with one tensor ``"prompt_embeddings": [n, hidden]``.
@@ -18,8 +18,8 @@ Initialisation (``prompt_tuning_init``, as PEFT): ``"RANDOM"`` draws ``P`` from 
 ``prompt_tuning_init_text`` (cut or repeated to ``n``), ``"SAMPLE_VOCAB"`` those of ``n`` random
 vocabulary entries.
 
-This module also holds `PromptLearningConfig`, the fields prompt and prefix tuning share (PEFT's
-class of that name).
+This module also holds what prompt and prefix tuning share: `PromptLearningConfig` (PEFT's class of
+that name) and `VirtualPlan`, the virtual tokens of a batch's rows.
 """
 
 from __future__ import annotations
@@ -172,6 +172,9 @@ class PromptBank(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.prompts)
 
+    def holds(self, name: str) -> bool:
+        return name in self.prompts
+
     def add(
         self,
         name: str,
@@ -238,3 +241,53 @@ def initial_prompt(config: PromptTuningConfig, embeddings: nn.Module, tokenizer:
         raise ValueError(f"PROMPT_TUNING: prompt_tuning_init_text={config.prompt_tuning_init_text!r} has no tokens")
     ids = (ids * math.ceil(n / len(ids)))[:n]
     return embeddings(torch.tensor(ids, device=weight.device)).clone()
+
+
+@dataclass
+class VirtualPlan:
+    """The virtual tokens of a batch's rows (`flora.model.virtual_tokens` applies them), on the model's device.
+
+    Attributes:
+        prompt_len, prefix_len: ``[batch]``: each row's ``n_i`` / ``m_i`` (0 where it has none).
+        prompt_index, prefix_index: ``[batch, Nv]`` / ``[batch, Np]``: row ``i``'s slot ``j`` reads row
+            ``index[i, j]`` of the stacked table ``[zeros(1) ; adapter_1 ; adapter_2 ; ...]`` (0: padding).
+        prompts, prefixes: the adapters in table order.
+    """
+
+    prompt_len: Tensor
+    prefix_len: Tensor
+    prompt_index: Tensor
+    prefix_index: Tensor
+    prompts: list[str]
+    prefixes: list[str]
+
+    @property
+    def num_prompt(self) -> int:  # Nv
+        return self.prompt_index.shape[1]
+
+    @property
+    def num_prefix(self) -> int:  # Np
+        return self.prefix_index.shape[1]
+
+    @property
+    def offset(self) -> Tensor:
+        """``[batch, 1]``: how far each row's real tokens move right in position."""
+        return (self.prompt_len + self.prefix_len)[:, None]
+
+    def virtual_mask(self, dtype: torch.dtype) -> Tensor:
+        """``[batch, Np + Nv]``: 1 on each row's own prefix and prompt slots, 0 on padding."""
+        return torch.cat([self.prefix_index, self.prompt_index], dim=1).ne(0).to(dtype)
+
+    def prompt_positions(self) -> Tensor:
+        """``[batch, Nv]``: ``0 .. n_i-1`` on row ``i``'s prompt slots, 0 on padding."""
+        slots = torch.arange(self.num_prompt, device=self.prompt_len.device)
+        return (slots[None, :] - (self.num_prompt - self.prompt_len)[:, None]).clamp(min=0)
+
+    def repeated(self, k: int) -> VirtualPlan:
+        """The plan of a batch whose rows repeat each row ``k`` times in place (`AdapterBatch.expanded`)."""
+
+        def each(t: Tensor) -> Tensor:
+            return t.repeat_interleave(k, dim=0)
+
+        return VirtualPlan(each(self.prompt_len), each(self.prefix_len), each(self.prompt_index),
+                           each(self.prefix_index), self.prompts, self.prefixes)  # fmt: skip

@@ -1,204 +1,190 @@
-"""`lowrank_bmm`'s per-row tables, kept between routings for all of a model's LoRA groups together.
+"""`lowrank_bmm`'s per-row tables, kept between batches for all of a model's LoRA groups together.
 
-Without autograd, every LoRA group (`flora.methods.lora_group`) reads each row's factors from tables
+Without autograd, every LoRA group (`flora.methods.lora_group`) of ``k`` members reads each row's
+adapter from tables
 
-    a_rows [slots, R, in]          b_rows [slots, R_m, out_m]   (one per member m)
+    a_rows [slots, R, in],  R = Σ R_m          b_rows [slots, R_m, out_m]   (one per member m)
 
-of which a batch of ``n`` rows reads slots ``0 .. n - 1``: slot ``r`` holds the factors of row ``r``'s
-adapter (zeros for a row whose adapter the group does not hold). A server's batch changes by a row
-or two from one routing to the next (`flora.serve.engine` keeps its rows in their slots), so the
-tables outlive a routing and a routing writes only the slots whose adapter changed.
+of which a batch of ``n`` rows reads slots ``0 .. n - 1``. Slot ``r`` holds row ``r``'s adapter:
+member ``m``'s ranks ``R_m`` (the largest rank of ``m`` in the batch) take ``s_m A_m`` (``[r_m, in]``)
+and ``B_mᵀ`` (``[r_m, out_m]``) in their first ``r_m`` rows and zeros after them (all zeros for a
+row whose adapter does not adapt ``m``), so every row computes exactly its own
+``s_m (x A_mᵀ) B_mᵀ``. A server's batch changes by a row or two from one step to the next
+(`flora.serve.engine` keeps its rows in their slots), so the tables outlive a batch and a batch
+writes only the slots whose adapter changed.
 
-Which slots changed is the same for every group, so one `SlotTables` serves them all (it lives on
-the model's `RoutingState`, one for decoding steps and one for prompts, so that a server's
-prefills do not overwrite its running rows). The first group to ask for a new routing's tables
-writes the changed slots of every group's tables: per slot one ``torch._foreach_copy_`` of the
-adapter's factors in every group (11 small tensors per decoder layer of a Llama-style model with
-every linear layer adapted) and one ``_foreach_zero_``, instead of a pass over the rows and a copy
-per factor in each group. A group
-seen for the first time (or with another layout: ranks, members, dtype) gets tables of its own,
-written for every row of the routing that asks, and is dropped when a routing passes without
-asking for it. The storage grows in steps of 8 slots and is kept at the largest batch seen.
+Which slots changed is the same for every group, so one `SlotTables` serves them all (a model's
+`flora.methods.batch.AdapterRuntime` has one for one-token rows and one for prompts, so that a
+server's prefills do not overwrite its running rows). The first group to ask for a new batch's
+tables writes the changed slots of every group's tables: per slot one ``torch._foreach_copy_`` of
+the adapter's factors in every group, one ``_foreach_mul`` for the scalings and one
+``_foreach_zero_`` for the padding. A group seen for the first time (or with other ranks or
+dtype) gets tables of its own, written for every row of the batch that asks, and is dropped when
+a batch passes without asking for it. The storage grows in steps of 8 slots and is kept at the
+largest batch seen. Tables may be kept in another dtype than the adapters (bfloat16: half the
+bytes a decoding step reads).
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Hashable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from flora.routing import Routing, RoutingState
-
 SLOT_STEP = 8
 
-RowFactors = tuple[Tensor, list[Tensor]]  # one adapter's ``A [R, in]`` and its members' ``s·Bᵀ [R_m, out_m]``
+MemberFactors = tuple[Tensor, Tensor, float]  # one member's ``A [r, in]``, ``B [out, r]`` and scaling ``s``
 Views = tuple[Tensor, list[tuple[int, int, Tensor]]]  # `lowrank_bmm`'s ``a_rows`` and ``b_rows``
 
 _UNWRITTEN = object()
 
 
-class GroupTables:
-    """One LoRA group's tables for one `GroupLayout`, ``slots`` rows each."""
+class TableSource(Protocol):
+    """A LoRA group's members that have rows in a batch, as their tables see them
+    (`flora.methods.lora_group.Members`); equal sources share tables."""
 
-    def __init__(self, slots: int, like: RowFactors, layout: GroupLayout) -> None:
+    in_features: int
+    out_features: tuple[int, ...]
+
+    def member_factors(self, name: str) -> list[MemberFactors | None]:
+        """Adapter ``name``'s factors in each member (``None`` where it does not adapt that member)."""
+
+
+class GroupTables:
+    """One LoRA group's tables for one layout (its members' ranks), ``slots`` rows each."""
+
+    def __init__(self, slots: int, source: TableSource, ranks: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:  # fmt: skip
         with torch.inference_mode(False):  # writable later in and out of inference mode
-            self.a = like[0].new_empty(slots, *like[0].shape)
-            self.bs = [b.new_empty(slots, *b.shape) for b in like[1]]
-        self.layout = layout
-        self.used = 0  # the count of the last routing that read these tables (`SlotTables.count`)
+            self.a = torch.empty(slots, sum(ranks), source.in_features, dtype=dtype, device=device)
+            self.bs = [torch.empty(slots, rank, out, dtype=dtype, device=device)
+                       for rank, out in zip(ranks, source.out_features, strict=True)]  # fmt: skip
+        self.source, self.ranks = source, ranks
+        self.starts = [sum(ranks[:m]) for m in range(len(ranks))]
+        self.used = 0  # the count of the last batch that read these tables (`SlotTables.count`)
         self._views: dict[int, Views] = {}
 
-    def slot(self, r: int) -> list[Tensor]:
-        """Slot ``r`` of every table (views), in the order of `parts`."""
-        return [self.a[r], *(b[r] for b in self.bs)]
+    def fits(self, name: str) -> bool:
+        """Whether adapter ``name``'s factors fit these tables (no member's rank above theirs)."""
+        return all(f is None or f[0].shape[0] <= rank
+                   for f, rank in zip(self.source.member_factors(name), self.ranks, strict=True))  # fmt: skip
 
-    def parts(self, name: str | None) -> list[Tensor | None]:
-        """Adapter ``name``'s factors in the order of `slot`, ``None`` for each where its rows read zeros."""
-        if name is None or not self.layout.holds(name):
-            return [None] * (1 + len(self.bs))
-        a, bs = self.layout.factors(name)
-        return [a, *bs]
+    def collect(self, r: int, name: str | None, writes: SlotWrites) -> None:
+        """Add what makes slot ``r`` hold adapter ``name`` (zeros for ``None``) to ``writes``."""
+        factors = [None] * len(self.ranks) if name is None else self.source.member_factors(name)
+        for start, rank, b, member in zip(self.starts, self.ranks, self.bs, factors, strict=True):
+            a_slot, b_slot, r_m = self.a[r, start : start + rank], b[r], 0
+            if member is not None:
+                a, b_m, scaling = member
+                r_m = a.shape[0]
+                writes.scaled.append((a_slot[:r_m], a, scaling))
+                writes.copied.append((b_slot[:r_m], b_m.T))
+            if r_m < rank:
+                writes.zeroed += [a_slot[r_m:], b_slot[r_m:]]
 
     def views(self, n: int) -> Views:
         """The tables of the first ``n`` slots, as `lowrank_bmm` reads them."""
         views = self._views.get(n)
         if views is None:
-            views = self._views[n] = (self.a[:n], b_tables([b[:n] for b in self.bs], self.layout.ranks))
+            b_rows = [(start, start + rank, b[:n]) for start, rank, b in zip(self.starts, self.ranks, self.bs,
+                                                                            strict=True)]  # fmt: skip
+            views = self._views[n] = (self.a[:n], b_rows)
         return views
 
 
-class GroupLayout(NamedTuple):
-    """What a LoRA group's tables hold for a batch: ``holds(name)``, whether the group holds adapter
-    ``name`` (else its rows read zeros); ``fits(name)``, whether its factors fit these tables (no
-    member's rank above theirs); ``factors(name)``, its `RowFactors` (`LoraGroup._row_factors`);
-    ``ranks``, each member's columns of ``x Aᵀ``."""
+class SlotWrites:
+    """The copies that write some slots of every group's tables, made in three ``_foreach`` calls."""
 
-    holds: Callable[[str], bool]
-    fits: Callable[[str], bool]
-    factors: Callable[[str], RowFactors]
-    ranks: tuple[int, ...]
+    def __init__(self) -> None:
+        self.scaled: list[tuple[Tensor, Tensor, float]] = []  # (slot view, A, s): the view takes s·A
+        self.copied: list[tuple[Tensor, Tensor]] = []  # (slot view, Bᵀ)
+        self.zeroed: list[Tensor] = []
+
+    def run(self) -> None:
+        if self.scaled:
+            sources = torch._foreach_mul([a for _, a, _ in self.scaled], [s for *_, s in self.scaled])
+            views = [view for view, _, _ in self.scaled] + [view for view, _ in self.copied]
+            torch._foreach_copy_(views, [*sources, *(b for _, b in self.copied)])
+        if self.zeroed:
+            torch._foreach_zero_(self.zeroed)
 
 
 class SlotTables:
     """Every LoRA group's per-row tables for one kind of input (see the module docstring).
 
     ``names[r]``: the adapter whose factors slot ``r`` of every group's tables holds (``None``:
-    zeros), and ``written[r]`` the factors written there, compared with the adapter's current ones
-    when the adapters may have changed in place (not read-only). ``count`` counts the routings that
-    wrote."""
+    zeros), and ``versions[r]`` those factors' versions when written, compared with the adapter's
+    current ones when the adapters may change in place (not read-only). ``count`` counts the
+    batches that wrote."""
 
     def __init__(self) -> None:
         self.groups: dict[Hashable, GroupTables] = {}
         self.slots = 0
         self.names: list[object] = []
-        self.written: list[list[Tensor | None] | None] = []
-        self.owner: Routing | None = None
+        self.versions: list[tuple | None] = []
+        self.owner: tuple[str | None, ...] | None = None
         self.count = 0
-        self._sources: dict[str, list[Tensor | None]] = {}  # adapters' factors in every group, in `_slot` order
-        self._slot_views: dict[int, list[Tensor]] = {}
 
     def forget(self, name: str) -> None:
         """Adapter ``name`` was replaced or removed: its slots are written again when next used."""
         self.names = [_UNWRITTEN if kept == name else kept for kept in self.names]
-        self._sources.pop(name, None)
 
-    def tables(self, routing: Routing, key: Hashable, layout: GroupLayout, read_only: bool) -> Views:
-        """The tables of the group whose layout is ``key`` for ``routing``'s rows."""
-        if self.owner is not routing:
-            self._write(routing, read_only)
+    def views(self, names: tuple[str | None, ...], source: TableSource, ranks: tuple[int, ...],
+              dtype: torch.dtype, device: torch.device, read_only: bool) -> Views:  # fmt: skip
+        """The tables of group ``source`` (its members' ranks ``ranks``) for rows ``names`` (a batch's:
+        rows are written when a new tuple of names comes)."""
+        if self.owner is not names:
+            self._write(names, read_only)
+        key = (source, ranks, dtype, device)
         group = self.groups.get(key)
         if group is None:
-            group = self._add(key, routing, layout)
+            group = self._add(key, names)
         group.used = self.count
-        return group.views(routing.batch_size)
+        return group.views(len(names))
 
-    def _write(self, routing: Routing, read_only: bool) -> None:
-        """Make every group's slots ``0 .. n - 1`` hold ``routing``'s rows' factors."""
+    def _write(self, names: tuple[str | None, ...], read_only: bool) -> None:
+        """Make every group's slots ``0 .. n - 1`` hold the factors of rows ``names``."""
         self.count += 1
-        self.owner = routing
-        names = routing.names
+        self.owner = names
         if len(names) > self.slots:  # grow: every group's tables are made again when next asked for
             self.slots = -(-len(names) // SLOT_STEP) * SLOT_STEP
-            self.names, self.written = [_UNWRITTEN] * self.slots, [None] * self.slots
-            self._drop(list(self.groups))
-        if not read_only:
-            self._sources = {}
-        recheck = not read_only  # adapters may have changed in place: the rows holding one are compared
-        changed = [r for r, name in enumerate(names)
-                   if name != self.names[r] or (recheck and self.written[r] is not None)]  # fmt: skip
-        adapters = {names[r] for r in changed} - {None}
-        # Groups this routing has no use for go: those the last routing did not read (another layout
-        # took their place), and those too small for an adapter it brings (a group's ranks grew).
-        self._drop([key for key, group in self.groups.items()
-                    if group.used < self.count - 1 or not all(map(group.layout.fits, adapters))])  # fmt: skip
+            self.names, self.versions = [_UNWRITTEN] * self.slots, [None] * self.slots
+            self.groups.clear()
+        changed = []
+        for r, name in enumerate(names):
+            versions = None if read_only or name is None else self._versions(name)
+            if name != self.names[r] or versions != self.versions[r]:
+                changed.append(r)
+                self.names[r], self.versions[r] = name, versions
+        # Groups this batch has no use for go: those the last batch did not read (another layout took
+        # their place), and those too small for an adapter it brings (a member's rank grew).
+        brought = {names[r] for r in changed} - {None}
+        for key in [key for key, group in self.groups.items()
+                    if group.used < self.count - 1 or not all(map(group.fits, brought))]:  # fmt: skip
+            del self.groups[key]
+        writes = SlotWrites()
         for r in changed:
-            name, source = names[r], self._source(names[r])
-            written = self.written[r] or []
-            if name == self.names[r] and len(written) == len(source) and all(map(operator.is_, source, written)):
-                continue  # the adapter's factors were not worked out again
-            self._write_slot(self._slot(r), source)
-            self.names[r], self.written[r] = name, None if name is None else source
+            for group in self.groups.values():
+                group.collect(r, names[r], writes)
+        writes.run()
 
-    def _add(self, key: Hashable, routing: Routing, layout: GroupLayout) -> GroupTables:
-        """A group's new tables, written for every row of ``routing``; the slots past its rows are
-        written again in every group when next used (this group's hold nothing yet)."""
-        like = layout.factors(next(name for name in routing.names if name is not None and layout.holds(name)))
-        group = GroupTables(self.slots, like, layout)
-        for r, name in enumerate(routing.names):
-            self._write_slot(group.slot(r), group.parts(name))
-        n = routing.batch_size
-        self.names[n:] = [_UNWRITTEN] * (self.slots - n)
+    def _add(self, key: tuple, names: tuple[str | None, ...]) -> GroupTables:
+        """A group's new tables, written for every row of ``names``; the slots past them are written again
+        in every group when next used (this group's hold nothing yet)."""
+        source, ranks, dtype, device = key
+        group = GroupTables(self.slots, source, ranks, dtype, device)
+        writes = SlotWrites()
+        for r, name in enumerate(names):
+            group.collect(r, name, writes)
+        writes.run()
+        self.names[len(names) :] = [_UNWRITTEN] * (self.slots - len(names))
         self.groups[key] = group
-        self._regrouped()
         return group
 
-    def _drop(self, keys: list[Hashable]) -> None:
-        """Drop the groups ``keys``."""
-        for key in keys:
-            del self.groups[key]
-        if keys:
-            self._regrouped()
-
-    def _regrouped(self) -> None:
-        """The set of groups changed: what is kept across them is worked out again."""
-        self._sources, self._slot_views = {}, {}
-
-    @staticmethod
-    def _write_slot(slot: list[Tensor], source: list[Tensor | None]) -> None:
-        """Copy ``source`` into ``slot`` (views of the tables), zeros where it is ``None``."""
-        pairs = [(d, s) for d, s in zip(slot, source, strict=True) if s is not None]
-        if pairs:
-            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-        if len(pairs) < len(slot):
-            torch._foreach_zero_([d for d, s in zip(slot, source, strict=True) if s is None])
-
-    def _source(self, name: str | None) -> list[Tensor | None]:
-        """Adapter ``name``'s factors in every group, in `_slot` order (``None`` where it reads zeros)."""
-        source = self._sources.get(name)
-        if source is None:
-            source = self._sources[name] = [part for group in self.groups.values() for part in group.parts(name)]
-        return source
-
-    def _slot(self, r: int) -> list[Tensor]:
-        """Slot ``r`` of every group's tables."""
-        views = self._slot_views.get(r)
-        if views is None:
-            views = self._slot_views[r] = [view for group in self.groups.values() for view in group.slot(r)]
-        return views
-
-
-def b_tables(tables: list[Tensor], ranks: tuple[int, ...]) -> list[tuple[int, int, Tensor]]:
-    """``(start, stop, table)`` per member of a group: its ranks' columns of ``x Aᵀ``."""
-    starts = [sum(ranks[:m]) for m in range(len(ranks))]
-    return [(start, start + rank, table) for start, rank, table in zip(starts, ranks, tables, strict=True)]
-
-
-def slot_tables(state: RoutingState) -> tuple[SlotTables, SlotTables]:
-    """A model's tables for decoding steps (one token per row) and for prompts, made on first use."""
-    if state.slot_tables is None:
-        state.slot_tables = (SlotTables(), SlotTables())
-    return state.slot_tables
+    def _versions(self, name: str) -> tuple:
+        """What changes when adapter ``name``'s factors are written in place (version counters) or given
+        new storage (``module.to(dtype)`` swaps a parameter's data without counting a version)."""
+        return tuple((t._version, t.data_ptr()) for group in self.groups.values()
+                     for f in group.source.member_factors(name) if f is not None for t in f[:2])  # fmt: skip

@@ -9,17 +9,17 @@ Every iteration of the engine's loop, between two decoding steps:
    ``max_num_batched_tokens`` tokens per step, ``max_loras`` distinct adapters in the batch); a
    request whose adapter is still loading, or would be one adapter too many, is skipped, not
    waited for. Admitted requests are prefilled in groups of similar prompt length
-   (`prefill_groups`), one forward per group over its left-padded prompts with each row's
-   adapter (`AdapterModel.forward`, which also puts prompt- and prefix-tuning rows' virtual tokens
+   (`prefill_groups`), one model step per group over its left-padded prompts with each row's
+   adapter (`AdapterModel.step`, which also puts prompt- and prefix-tuning rows' virtual tokens
    in front), and their keys and values take the next slots of the running batch's cache
    (`flora.serve.slot_cache`);
-4. one decoding step for all running rows: one forward of ``[rows, 1]`` tokens over the shared
-   cache with each row's adapter (the `Routing` is reused while the rows stay the same), then
-   every row's next token (`flora.serve.sampling`). Every routing, prefill's too, is made to
-   ``carry`` what the layers compiled for the last one of its shape (`flora.routing`);
+4. one decoding step for all running rows: one model step of ``[rows, 1]`` tokens over the shared
+   cache with each row's adapter (the `AdapterBatch` is reused while the rows stay the same), then
+   every row's next token (`flora.serve.sampling`). Every batch, prefill's too, is made to
+   ``carry`` what the layers compiled for the last one of its shape (`flora.methods.batch`);
 5. finished rows leave: end of sequence, ``max_tokens``, or the context limit. The rows that stay
    keep their slots where they can (`slot_order`), so that the cache moves only the rows from past
-   the new end and the next routing differs from the last only in the rows that changed.
+   the new end and the next batch differs from the last only in the rows that changed.
 
 Each row sees only its own columns of the cache (the attention mask) at its own positions, so its
 tokens are those of `AdapterModel.generate` for that prompt alone, whatever shares the batch.
@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flora.base import CACHE_KEY
 from flora.model import AdapterModel
 from flora.serve.logits import LogitsSettings, RowHistory, TokenLogprob, adjust_logits, chosen_logprobs
 from flora.serve.metrics import ServerMetrics
@@ -183,7 +182,7 @@ class Engine:
         self.waiting: list[EngineRequest] = []
         self.running: list[EngineRequest] = []
         self._cache = SlotCache()
-        self._routing = None  # the running rows' routing; None: to be made (`_decode`)
+        self._batch = None  # the running rows' `AdapterBatch`; None: to be made (`_decode`)
         self._rows: dict[str, Tensor] = {}  # per running row: "position" (of its next token), sampling settings
         self._tokens: Tensor | None = None  # [rows]: each running row's last token
         self._vocabulary = model.base_model.get_output_embeddings().weight.shape[0]
@@ -253,13 +252,13 @@ class Engine:
                 logger.exception("engine step failed")
                 for request in self.running + self.waiting:
                     self._finish(request, Finished("error", f"the engine failed: {err}"))
-                self.running, self.waiting, self._cache, self._routing, self._rows = [], [], SlotCache(), None, {}
+                self.running, self.waiting, self._cache, self._batch, self._rows = [], [], SlotCache(), None, {}
         for request in self.running + self.waiting + list(self._inbox):
             self._finish(request, Finished("abort", "the server is shutting down"))
 
     def _step(self, aborts: dict[str, Finished]) -> None:
         if self.registry.apply(self.model):
-            self._routing = None  # adapters changed: per-routing work is redone
+            self._batch = None  # adapters changed: the batch is made again
         for request in [r for r in self.waiting if r.id in aborts]:
             self.waiting.remove(request)
             self._finish(request, aborts[request.id])
@@ -329,13 +328,9 @@ class Engine:
             ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
             mask[row, width - len(request.prompt_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        names = [r.adapter.internal if r.adapter else None for r in requests]
-        routing = model.routing(names, carry=True)
-        output = model(
-            ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-            adapter_names=names if routing is None else routing, use_cache=True,
-            logits_to_keep=0 if every_position else 1,
-        )  # fmt: skip
+        batch = model.routing([r.adapter.internal if r.adapter else None for r in requests], carry=True)
+        output = model.step(ids, (mask.cumsum(1) - 1).clamp(min=0), mask, batch,
+                            logits_to_keep=0 if every_position else 1)  # fmt: skip
         if every_position:
             for row, request in enumerate(requests):
                 request.emit(prompt_logprobs(output.logits[row], request.prompt_ids, request.params.prompt_logprobs))
@@ -347,25 +342,18 @@ class Engine:
                 self._finish(request, Finished("length"))
         if not joining:
             return
-        layout = model.virtual_token_layout(routing)
-        shift = torch.zeros(len(requests), dtype=torch.long, device=device)
-        if layout is not None:
-            virtual_mask, shift = layout
-            mask = torch.cat([virtual_mask, mask], dim=1)
-        cache = getattr(output, CACHE_KEY)
-        logits = output.logits[:, -1]
+        cache, columns, logits = output.cache, output.columns, output.logits[:, -1]
         if len(joining) < len(requests):
             index = torch.tensor(joining, device=device)
             cache.batch_select_indices(index)
-            mask, shift, logits = mask[index], shift[index], logits[index]
+            columns, logits = columns[index], logits[index]
             requests = [requests[row] for row in joining]
-        self._cache.admit(cache, mask)
+        self._cache.admit(cache, columns)
         self.running.extend(requests)
-        self._routing = None
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        self._batch = None
         params = [r.params for r in requests]
         new_rows = {
-            "position": shift + lengths,
+            "position": torch.tensor([len(r.prompt_ids) for r in requests], device=device),
             "temperature": torch.tensor([p.temperature for p in params], device=device),
             "top_p": torch.tensor([p.top_p for p in params], device=device),
             "top_k": torch.tensor([p.top_k for p in params], device=device),
@@ -379,14 +367,12 @@ class Engine:
     def _decode(self) -> None:
         """One token for every running row."""
         mask = self._cache.next_step()
-        if self._routing is None:
-            names = [r.adapter.internal if r.adapter else None for r in self.running]
-            self._routing = self.model.routing(names, carry=True)
-        with self.model.routed(self._routing):
-            output = self.model.base_model(
-                input_ids=self._tokens.unsqueeze(1), attention_mask=mask,
-                position_ids=self._rows["position"].unsqueeze(1), use_cache=True, **{CACHE_KEY: self._cache},
-            )  # fmt: skip
+        if self._batch is None:
+            self._batch = self.model.routing(
+                [r.adapter.internal if r.adapter else None for r in self.running], carry=True
+            )
+        positions = self._rows["position"].unsqueeze(1)
+        output = self.model.step(self._tokens.unsqueeze(1), positions, mask, self._batch, cache=self._cache)
         self._rows["position"] = self._rows["position"] + 1
         self._sample(output.logits[:, -1], first_row=0)
 
@@ -451,7 +437,7 @@ class Engine:
         index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         self._rows = {key: value.index_select(0, index) for key, value in self._rows.items()}
         self._tokens = self._tokens.index_select(0, index)
-        self._routing = None
+        self._batch = None
 
     def _finish(self, request: EngineRequest, event: Finished, emit: bool = True) -> None:
         """``request`` ends with ``event`` (counted, logged, and sent unless its last token carried it)."""
@@ -497,7 +483,7 @@ def slot_order(rows: list[int]) -> list[int]:
     """The order of the rows that stay (``rows``, ascending) that keeps each in its slot where it can:
     a slot whose row left takes a staying row from past the new end. Rows keep their slot of the
     key/value cache (`SlotCache`) and their adapter's row of the per-row tables
-    (`flora.methods.slot_tables`) from one routing to the next:
+    (`flora.methods.slot_tables`) from one batch to the next:
     ``[0, 2, 3, 5]`` of 6 rows -> ``[0, 5, 2, 3]``."""
     staying = set(rows)
     movers = iter(row for row in rows if row >= len(rows))

@@ -49,13 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flora.methods import METHODS
 from flora.training.config import ADAPTER_PER, DEVICES, DTYPES, TrainConfig
 from flora.training.hyperparameters import FULL, coerce_settings, method_names
 
 SPECS_DIR = Path(__file__).parent / "specs"
 AXES = ("method", "learning_rate", "size", "num_tasks", "model", "seed")
-SIZE_SETTINGS = {"lora": "r", "flora": "r", "bottleneck": "size", "prompt_tuning": "num_virtual_tokens",
-                 "prefix_tuning": "num_virtual_tokens"}  # fmt: skip
+SIZE_SETTINGS = {method.name: method.size for method in METHODS.values() if method.size}  # method -> its size field
 FINDINGS = ("peft-instruction", "flora-domains", "none")
 DATA_SOURCES = ("suite", "superni")
 METRICS = ("rougeL", "exact_match", "primary")  # primary: each task's own metric

@@ -24,18 +24,11 @@ _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 def _config_classes() -> dict[str, type]:
     """``{peft_type: config class}`` of every adapter method `AdapterModel.add_adapter` takes."""
-    classes: dict[str, type] = {key: config for key, (config, _) in METHODS.items()}
-    try:  # prompt and prefix tuning (virtual tokens), where this version of flora has them
-        from flora.virtual_tokens import VIRTUAL_METHODS
-    except ImportError:
-        VIRTUAL_METHODS = {}
-    classes.update(VIRTUAL_METHODS)
-    return classes
+    return {key: method.config for key, method in METHODS.items()}
 
 
 def method_names() -> list[str]:
-    """What ``method=`` accepts: ``"full"`` and every adapter method (`flora.methods.METHODS`, prompt
-    and prefix tuning)."""
+    """What ``method=`` accepts: ``"full"`` and every adapter method (`flora.methods.METHODS`)."""
     return [FULL, *(name.lower() for name in _config_classes())]
 
 

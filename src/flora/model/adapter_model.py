@@ -5,41 +5,52 @@ or `generate` call takes ``adapter_names`` (one per row, ``None`` or ``"__base__
 base model) and runs the whole mixed batch at once. Names follow Hugging Face PEFT
 (`add_adapter`, `load_adapter`, `delete_adapter`, `set_adapter`, ``adapter_names=``).
 
-Layer adapters (LoRA, IA3, ...) live in banks inside the wrapped Linear/Conv1D layers; virtual-token
-adapters (prompt and prefix tuning) live in `self.virtual_tokens` (`flora.virtual_tokens`), which
-adds each row's soft prompt or attention prefix to the inputs of forward and generate.
+Layer adapters (LoRA, IA3, ...) live in banks inside the wrapped Linear/Conv1D layers
+(`flora.model.layer`); virtual-token adapters (prompt and prefix tuning) live in
+`self.virtual_tokens` (`flora.model.virtual_tokens`), which adds each row's soft prompt or
+attention prefix to the inputs. Each call makes one `flora.methods.batch.AdapterBatch` (`routing`),
+which owns all that the call's rows need from their adapters, and runs under it (`routed`); a
+server's engine runs its prefills and decoding steps through `step`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-import re
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
-from flora.base import load_base
+from flora.base import CACHE_KEY, load_base
 from flora.hub import resolve_adapter_dir
 from flora.io import KEY_PREFIX, read_adapter_dir, split_key, write_adapter_dir
-from flora.kernels.autotune import Autotuner, token_bucket
-from flora.layer import ADAPTABLE, AdaptedLayer, layer_features, weight_out_in
 from flora.methods import METHODS, AdapterConfig, Bank, method_for
 from flora.methods.base import ADAPTER_NAME
+from flora.methods.batch import AdapterBatch, AdapterRuntime
 from flora.methods.lora_group import link_groups
 from flora.methods.prompt import PromptLearningConfig
-from flora.routing import Routing, RoutingState
-from flora.virtual_tokens import VIRTUAL_METHODS, VirtualTokens, virtual_config_class
+from flora.model.layer import ADAPTABLE, AdaptedLayer, layer_features
+from flora.model.merge import merged_copy
+from flora.model.virtual_tokens import VirtualTokens
 
-BASE_NAME = "__base__"
-STRATEGIES = ("auto", "bmm", "loop", "segmented", "stacked", "flora")
+BASE_NAME = "__base__"  # the base model's one name, besides ``None``, in ``adapter_names``
+# "auto" and every strategy of a method that has a choice (`flora.methods.METHODS`)
+STRATEGIES = ("auto", *dict.fromkeys(s for m in METHODS.values() if len(m.strategies) > 1 for s in m.strategies))
 
-CARRIED_SHAPES = 32  # routing shapes whose compiled layers `AdapterModel.routing` keeps to carry over
+
+@dataclass
+class StepOutput:
+    """What `AdapterModel.step` gives: ``logits [rows, kept, vocab]``, the ``cache`` holding the rows'
+    keys and values, and ``columns [rows, cache columns]``: 1 on the columns that hold each row's
+    tokens (its virtual tokens, then its real ones), 0 on padding."""
+
+    logits: Tensor
+    cache: Cache
+    columns: Tensor
 
 
 class AdapterModel(nn.Module):
@@ -63,22 +74,13 @@ class AdapterModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.tokenizer = tokenizer
-        self.routing_state = RoutingState()
-        self.routing_state.tuner = Autotuner()
+        self.runtime = AdapterRuntime()  # what the adapted layers share: the batch in force, settings, LoRA tables
         self.strategy = strategy
         self.adapter_configs: dict[str, AdapterConfig | PromptLearningConfig] = {}
         self.active_adapter: str | None = None
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
         self.virtual_tokens = VirtualTokens()
-        # What decides a routing's `Routing.shape`: per adapter, the layers it adapts and its rank in
-        # each (interned: equal kinds share one number), and the layers, banks and LoRA groups there
-        # are (a new token whenever they change).
-        self._kinds: dict[str, int] = {}
-        self._kind_numbers: dict[tuple, int] = {}
-        self._structure: tuple = ()
-        self._structure_token = object()
-        self._carriers: OrderedDict[tuple, Routing] = OrderedDict()  # shape -> its last routing (`routing`)
         # Every Linear/Conv1D of the base model by name, in module order: the layer, or the `AdaptedLayer`
         # wrapping it. Found by one walk when adapters are added or deleted (`_adaptable_modules`) and
         # kept up to date by `_wrap` and `_uninstall`, so that the rest of an install or a delete (a
@@ -112,13 +114,13 @@ class AdapterModel(nn.Module):
 
     @property
     def strategy(self) -> str:
-        return self.routing_state.strategy
+        return self.runtime.strategy
 
     @strategy.setter
     def strategy(self, value: str) -> None:
         if value not in STRATEGIES:
             raise ValueError(f"strategy {value!r} is unknown (expected one of {', '.join(STRATEGIES)})")
-        self.routing_state.strategy = value
+        self.runtime.strategy = value
 
     @property
     def adapters_read_only(self) -> bool:
@@ -126,11 +128,24 @@ class AdapterModel(nn.Module):
         deleted (as in a server). What flora derives from them and keeps between batches (LoRA's
         per-row tables) is then reused without reading every parameter's version counter on each new
         batch composition. Default ``False``: in-place updates (an optimizer step) are seen."""
-        return self.routing_state.adapters_read_only
+        return self.runtime.read_only
 
     @adapters_read_only.setter
     def adapters_read_only(self, value: bool) -> None:
-        self.routing_state.adapters_read_only = bool(value)
+        self.runtime.read_only = bool(value)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype | None:
+        """The dtype of LoRA's per-row tables, which decoding with many adapters reads at every step:
+        ``None`` (default) the adapters' own; ``torch.bfloat16`` halves those bytes, rounding each
+        adapter's factors to bfloat16 (an opt-in change of numerics: ``docs/performance.md``)."""
+        return self.runtime.adapter_dtype
+
+    @adapter_dtype.setter
+    def adapter_dtype(self, value: torch.dtype | None) -> None:
+        if value not in (None, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"adapter_dtype {value!r} is not a floating dtype (expected e.g. torch.bfloat16 or None)")
+        self.runtime.adapter_dtype = value
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -194,16 +209,10 @@ class AdapterModel(nn.Module):
         """An adapter file's config, its bank class (``None`` for prompt and prefix tuning) and, per
         layer it adapts, its tensors' file keys by parameter name; checked against this base model."""
         source = str(Path(path) / "adapter_config.json")
-        virtual = virtual_config_class(data["peft_type"])
-        if virtual is not None:
-            return virtual.from_peft_dict(data, source), None, {}
-        if str(data["peft_type"]).upper() not in METHODS:
-            raise ValueError(
-                f"{source}: peft_type {data['peft_type']!r} is not supported (expected one of "
-                f"{', '.join([*METHODS, *VIRTUAL_METHODS])})"
-            )
-        config_class, bank_class = method_for(data["peft_type"], source)
-        config = config_class.from_peft_dict(data, source)
+        method = method_for(data["peft_type"], source)
+        config, bank_class = method.config.from_peft_dict(data, source), method.bank
+        if bank_class is None:
+            return config, None, {}
         modules: dict[str, dict[str, str]] = {}
         tensor_file = str(Path(path) / "adapter_model.safetensors")
         for key in shapes:
@@ -230,7 +239,7 @@ class AdapterModel(nn.Module):
             f"{KEY_PREFIX}{module}.{param}": tensor
             for module, layer in self._adapted_layers()
             for bank in layer.banks.values()
-            if adapter_name in bank.adapters()
+            if bank.holds(adapter_name)
             for param, tensor in bank.adapter_state(adapter_name).items()
         }
         if self.virtual_tokens.holds(adapter_name):  # PEFT's key, without a module prefix
@@ -264,7 +273,7 @@ class AdapterModel(nn.Module):
             f"{module}.{param}": tensor
             for module, layer in self._adapted_layers()
             for bank in layer.banks.values()
-            if adapter_name in bank.adapters()
+            if bank.holds(adapter_name)
             for param, tensor in bank.adapter_state(adapter_name).items()
         }
 
@@ -284,18 +293,7 @@ class AdapterModel(nn.Module):
                 f"adapter {adapter_name!r} is {config.peft_type}: it adds virtual tokens, not a change of weights, "
                 f"so it cannot be merged into the base model (run it with adapter_names=[...] instead)"
             )
-        merged = copy.deepcopy(self.base_model)
-        tied = _tied_parameter_ids(merged)
-        with torch.no_grad():
-            for module, layer in list(_adapted_layers_of(merged)):
-                for bank in layer.banks.values():
-                    if adapter_name in bank.adapters():
-                        _merge_into_layer(merged, layer, bank, adapter_name, tied)
-                merged.set_submodule(module, layer.base_layer)
-            _declare_merged_parameters(merged, f"adapter {adapter_name!r} ({config.peft_type})")
-        for parameter in merged.parameters():
-            parameter.requires_grad_(True)
-        return merged
+        return merged_copy(self.base_model, adapter_name, f"adapter {adapter_name!r} ({config.peft_type})")
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """The base model's activation (gradient) checkpointing; ``transformers.Trainer`` calls this.
@@ -325,12 +323,12 @@ class AdapterModel(nn.Module):
         """The base model's forward (``[batch, tokens]`` in, its output with ``logits`` and, given
         ``labels``, ``loss``), each row through its own adapter ``adapter_names[i]``. ``logits`` are
         ``[batch, tokens, vocab]`` also when rows use prompt tuning (PEFT also returns the virtual
-        tokens' logits, in front; see `flora.virtual_tokens`)."""
-        batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
+        tokens' logits, in front; see `flora.model.virtual_tokens`). Inside `routed`, ``adapter_names``
+        is left out: the rows are that batch's."""
         if labels is not None:
             kwargs["labels"] = labels
-        with self.routed(adapter_names, batch) as routing:
-            return self.virtual_tokens(self.base_model, routing, input_ids, attention_mask, kwargs)
+        with self._routed_call(adapter_names, _batch_size(input_ids, kwargs.get("inputs_embeds"))) as batch:
+            return self.virtual_tokens(self.base_model, batch, input_ids, attention_mask, kwargs)
 
     @torch.no_grad()
     def generate(
@@ -341,102 +339,79 @@ class AdapterModel(nn.Module):
         **kwargs,
     ):
         """transformers' ``generate``, each row through its own adapter. Returns ``[batch, prompt + new]``."""
-        batch = _batch_size(input_ids, kwargs.get("inputs_embeds"))
         if self.tokenizer is not None and "pad_token_id" not in kwargs:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        with self.routed(adapter_names, batch) as routing, self.virtual_tokens.generating(self.base_model, routing):
+        rows = _batch_size(input_ids, kwargs.get("inputs_embeds"))
+        with self._routed_call(adapter_names, rows) as batch, self.virtual_tokens.generating(self.base_model, batch):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def routed(self, adapter_names: Sequence[str | None] | Routing | None, batch_size: int | None = None):
-        """Within the block, forward passes route row ``i`` through ``adapter_names[i]`` (or through a
-        `Routing` from `routing`, reused across calls so that its per-routing work is done once)."""
-        if isinstance(adapter_names, Routing) or (adapter_names is None and batch_size is None):
-            return self._routing_in_force(adapter_names)
-        return self._routing_in_force(self._routing(adapter_names, batch_size))
+    def step(
+        self, input_ids: Tensor, positions: Tensor, attention_mask: Tensor, batch: AdapterBatch | None,
+        cache: Cache | None = None, logits_to_keep: int = 1,
+    ) -> StepOutput:  # fmt: skip
+        """One forward of a server's engine, a prefill or a decoding step: ``input_ids [rows, tokens]`` at
+        ``positions [rows, tokens]`` (each row's own, counted over its real tokens from 0), through
+        ``batch`` (`routing`). ``cache`` ``None``: the rows' first step (their prompts), in a new cache
+        with each row's virtual tokens in front and ``attention_mask [rows, tokens]``; else a cache
+        holding the rows' earlier tokens (`flora.serve.slot_cache`), ``attention_mask`` covering its
+        columns and the new tokens, and rows with virtual tokens moved by them in position. Keeps the
+        logits of the last ``logits_to_keep`` positions (0: all)."""
+        options = {"position_ids": positions, "use_cache": True, "logits_to_keep": logits_to_keep}
+        virtual = None if batch is None else batch.virtual
+        with self.runtime.using(batch):
+            if cache is None:
+                output = self.virtual_tokens(self.base_model, batch, input_ids, attention_mask, options)
+                columns = attention_mask if virtual is None else torch.cat(
+                    [virtual.virtual_mask(attention_mask.dtype), attention_mask], dim=1)  # fmt: skip
+                return StepOutput(output.logits, getattr(output, CACHE_KEY), columns)
+            if virtual is not None:
+                options["position_ids"] = positions + virtual.offset
+            options[CACHE_KEY] = cache
+            output = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **options)
+        return StepOutput(output.logits, cache, attention_mask)
 
-    def routing(self, adapter_names: Sequence[str | None], carry: bool = False) -> Routing | None:
-        """The `Routing` of a batch whose row ``i`` uses ``adapter_names[i]`` (``None`` when no row uses
-        an adapter). A caller that runs many forward passes over the same rows (incremental decoding)
-        keeps it and passes it to `routed`: strategies and per-row weights are then worked out once.
-        A caller whose rows keep changing (a server) asks to ``carry``: what the layers compiled for
-        the last routing of the same shape (`_shape`) serves this one too where it reads the rows'
-        adapters when it runs (`flora.routing`). The last routing of each of the 32 shapes seen last
-        is kept for that."""
-        routing = self._routing(adapter_names, len(adapter_names))
-        if routing is not None and carry and (shape := self._shape(routing.names)) is not None:
-            for kept in [key for key, last in self._carriers.items() if not last.reusable]:
-                del self._carriers[kept]  # what they compiled holds row indices and tensors of their own
-            routing.shape = shape
-            routing.carry_over(self._carriers.pop(shape, None))
-            self._carriers[shape] = routing
-            if len(self._carriers) > CARRIED_SHAPES:
-                self._carriers.popitem(last=False)
-        return routing
+    def routed(self, batch: AdapterBatch | None):
+        """Within the block, forward passes (`forward`, or the base model's own) run ``batch``'s rows
+        (`routing`), so that its per-batch work is done once for many calls (incremental decoding)."""
+        return self.runtime.using(batch)
 
-    def _shape(self, names: tuple[str | None, ...]) -> tuple | None:
-        """What decides each layer's compiled function for rows ``names`` apart from which adapter each
-        row uses: the layers and banks there are, the strategy setting, mode, dtype and device, and,
-        when every adapter in the batch adapts the same layers with the same ranks, what the
-        autotuner's key reads of the batch (`Bank.choose_strategy`: sizes bucketed, whether one
-        adapter serves every row). ``None`` (nothing carries over) for a batch mixing kinds of
-        adapters."""
-        kinds, adapters, rows = set(), set(), 0
-        for name in names:
-            if name is not None:
-                kinds.add(self._kinds[name])
-                adapters.add(name)
-                rows += 1
-        if len(kinds) != 1:
-            return None
-        whole_batch = len(adapters) == 1 and rows == len(names)
-        sizes = tuple(map(token_bucket, (len(names), len(adapters), rows)))
-        model = (self._structure_token, self.strategy, self.training, self.base_model.dtype, self.device)
-        return (*model, kinds.pop(), sizes, whole_batch)
-
-    def _restructured(self, layers: list[tuple[str, AdaptedLayer]]) -> None:
-        """A new structure token when the adapted layers, their banks or the LoRA groups changed."""
-        structure = tuple(
-            (layer, *layer.banks.values(), layer.banks["lora"].group if "lora" in layer.banks else None)
-            for _, layer in layers
-        )
-        if structure != self._structure:
-            self._structure, self._structure_token = structure, object()
-            self._carriers.clear()
-
-    def _set_kind(self, name: str, kind: tuple) -> None:
-        self._kinds[name] = self._kind_numbers.setdefault(kind, len(self._kind_numbers))
-
-    def virtual_token_layout(self, routing: Routing | None) -> tuple[Tensor, Tensor] | None:
-        """For incremental decoding outside `generate`: what `forward` puts in front of each row's tokens
-        for prompt- and prefix-tuning adapters, ``(mask [batch, Np + Nv], shift [batch])``: the cache
-        columns of the virtual tokens (1 on a row's own, 0 on padding) and how far the positions of
-        the row's real tokens move. ``None`` when no row of ``routing`` has virtual tokens."""
-        plan = self.virtual_tokens.plan(routing)
-        if plan is None:
-            return None
-        return plan.virtual_mask(torch.long), plan.offset[:, 0]
+    def routing(self, adapter_names: Sequence[str | None], carry: bool = False) -> AdapterBatch | None:
+        """The `flora.methods.batch.AdapterBatch` of a batch whose row ``i`` uses ``adapter_names[i]``
+        (``None`` when no row uses an adapter). A caller that runs many forward passes over the same rows
+        keeps it and runs them in `routed`: strategies and per-row weights are then worked out once. A
+        caller whose rows keep changing (a server) asks to ``carry``: what the layers compiled for the
+        last batch of the same shape serves this one (`flora.methods.batch.AdapterRuntime.shape`)."""
+        return self._batch(self._names(adapter_names, len(adapter_names)), carry)
 
     def adapter_nbytes(self, adapter_name: str) -> int:
         """Bytes held by ``adapter_name``'s tensors."""
         return sum(t.numel() * t.element_size() for t in self.adapter_parameters(adapter_name).values())
 
-    @contextmanager
-    def _routing_in_force(self, routing: Routing | None) -> Iterator[Routing | None]:
-        previous, self.routing_state.current = self.routing_state.current, routing
-        try:
-            yield routing
-        finally:
-            self.routing_state.current = previous
+    def _routed_call(self, adapter_names: Sequence[str | None] | None, rows: int):
+        """The batch of one call: `routed`'s batch when the call names no adapters inside it, else one of
+        its own (``adapter_names``, or `set_adapter`'s adapter for every row)."""
+        if adapter_names is None and self.runtime.current is not None:
+            return nullcontext(self.runtime.current)
+        names = self._names([self.active_adapter] * rows if adapter_names is None else adapter_names, rows)
+        return self.runtime.using(self._batch(names, carry=False))
+
+    def _batch(self, names: tuple[str | None, ...] | None, carry: bool) -> AdapterBatch | None:
+        """The batch of rows ``names`` (`routing`)."""
+        if names is None:
+            return None
+        mode = (self.base_model.dtype, self.device) if carry and not self.training else None
+        batch = self.runtime.batch(names, self.base_model.device, mode)
+        batch.virtual = self.virtual_tokens.plan(batch)
+        return batch
 
     def _checkpoint_contexts(self):
         """``torch.utils.checkpoint``'s ``context_fn``: nothing around the forward; around the
-        recomputation, the routing that was in force when the forward ran."""
-        return nullcontext(), self._routing_in_force(self.routing_state.current)
+        recomputation, the batch that was in force when the forward ran."""
+        return nullcontext(), self.runtime.using(self.runtime.current)
 
-    def _routing(self, adapter_names, batch_size: int) -> Routing | None:
-        if adapter_names is None:
-            adapter_names = [self.active_adapter] * batch_size
-        elif isinstance(adapter_names, str):
+    def _names(self, adapter_names: Sequence[str | None], batch_size: int) -> tuple[str | None, ...] | None:
+        """``adapter_names`` checked, ``"__base__"`` as ``None``; ``None`` when no row uses an adapter."""
+        if isinstance(adapter_names, str):
             raise ValueError(f"adapter_names={adapter_names!r}: expected a list with one name per row")
         if len(adapter_names) != batch_size:
             raise ValueError(
@@ -450,9 +425,7 @@ class AdapterModel(nn.Module):
                 f"unknown adapter name(s) {', '.join(map(repr, unknown))}; loaded adapters: "
                 f"{self.list_adapters() or 'none'} (or None / {BASE_NAME!r} for the base model)"
             )
-        if all(n is None for n in names):
-            return None
-        return Routing(names, self.base_model.device)
+        return None if all(n is None for n in names) else names
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -471,7 +444,7 @@ class AdapterModel(nn.Module):
 
     def _install(self, name: str, config: AdapterConfig, weights: dict[str, dict[str, Tensor] | None]) -> None:
         """Add ``name`` to the layers in ``weights``; on any error, undo every layer already done."""
-        bank_class = METHODS[config.peft_type][1]
+        bank_class = METHODS[config.peft_type].bank
         self.adapter_configs[name] = config
         banks = {}
         try:
@@ -484,7 +457,8 @@ class AdapterModel(nn.Module):
             self._uninstall(name)
             raise
         self._link_groups()
-        self._set_kind(name, (bank_class.method, *sorted((module, bank.rank(name)) for module, bank in banks.items())))
+        kinds = sorted((module, bank.kind(name)) for module, bank in banks.items())
+        self.runtime.added(name, (bank_class.method, *kinds))
         for bank in banks.values():
             for parameter in bank.adapter_state(name).values():
                 parameter.requires_grad_(True)
@@ -492,11 +466,11 @@ class AdapterModel(nn.Module):
     def _install_virtual(self, name: str, config: PromptLearningConfig, weights: dict[str, Tensor] | None) -> None:
         """Add prompt- or prefix-tuning adapter ``name`` (``weights``: its file's tensors, or ``None``)."""
         self.adapter_configs[name] = self.virtual_tokens.add(name, config, self.base_model, weights, self.tokenizer)
-        self._set_kind(name, (str(config.peft_type),))
+        self.runtime.added(name, (str(config.peft_type),))
 
     def _uninstall(self, name: str) -> None:
         self.adapter_configs.pop(name, None)
-        self._kinds.pop(name, None)
+        self.runtime.removed(name)
         self.virtual_tokens.remove(name)
         self._find_layers()
         for module, layer in list(self._adapted_layers()):
@@ -510,14 +484,16 @@ class AdapterModel(nn.Module):
 
     def _link_groups(self) -> None:
         """LoRA banks of sibling layers that read the same input compute together (`flora.methods.lora_group`)."""
-        layers = list(self._adapted_layers())
-        link_groups((module, layer.banks["lora"]) for module, layer in layers if "lora" in layer.banks)
-        self._restructured(layers)
+        layers = [layer for _, layer in self._adapted_layers()]
+        link_groups((module, layer.banks["lora"]) for module, layer in self._adapted_layers() if "lora" in layer.banks)
+        self.runtime.restructured(tuple(
+            (layer, *layer.banks.values(), layer.banks["lora"].group if "lora" in layer.banks else None)
+            for layer in layers))  # fmt: skip
 
     def _wrap(self, module_name: str) -> AdaptedLayer:
         module = self._layers[module_name]
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module, self.routing_state).train(module.training)
+            module = AdaptedLayer(module, self.runtime).train(module.training)
             self.base_model.set_submodule(module_name, module)
             self._layers[module_name] = module
         return module
@@ -557,115 +533,6 @@ class AdapterModel(nn.Module):
         names = [name for name, _ in self._adaptable_modules()]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         return ", ".join(leaves[:12])
-
-
-def _adapted_layers_of(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            yield name, module
-
-
-def _merge_into_layer(
-    model: PreTrainedModel, layer: AdaptedLayer, bank: Bank, adapter_name: str, tied: set[int]
-) -> None:
-    """Fold ``adapter_name`` of ``bank`` into ``layer.base_layer`` in place (a bias-less layer first
-    gets a zero bias if the method adds to it). A weight tied to another parameter (an output layer
-    sharing the input embeddings) is untied first, in the module and in ``model.config``
-    (``tie_word_embeddings = False``): the merge changes the output layer only."""
-    base = layer.base_layer
-    if bank.merge_adds_bias and base.bias is None:
-        base.bias = nn.Parameter(base.weight.new_zeros(layer.out_features))
-    if id(base.weight) in tied:
-        base.weight = nn.Parameter(base.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-    bank.merge_into(adapter_name, weight_out_in(base), base.bias)
-
-
-def _declare_merged_parameters(merged: PreTrainedModel, what: str) -> None:
-    """Make ``merged.config`` declare the parameters the merge added, so that ``from_pretrained`` of
-    ``merged.save_pretrained(...)`` rebuilds them: turn on the config's boolean ``*bias*`` options
-    that create them; the other layers those options cover get zero biases (the identity). A
-    ValueError, naming the layers, where no option creates them or where a reload would tie tensors
-    that the merge made different."""
-    model_class = type(merged)
-    shapes, ties = _parameter_layout(merged)
-    expected, expected_ties = _layout_from_config(model_class, merged.config)
-    added = shapes.keys() - expected.keys()
-    options = {}
-    if added:
-        options = {
-            k: created for k, created in _bias_options(model_class, merged.config, expected).items() if created & added
-        }
-        for option in options:
-            setattr(merged.config, option, True)
-        expected, expected_ties = _layout_from_config(model_class, merged.config)
-    undeclared = shapes.keys() - expected.keys()
-    if undeclared:
-        with_bias = [n.removesuffix(".bias") for n in expected if n.endswith(".bias")]
-        with_bias = [n for n in with_bias if isinstance(merged.get_submodule(n), ADAPTABLE)]
-        raise ValueError(
-            f"cannot merge {what} into {model_class.__name__}: the merge adds biases to "
-            f"{_layer_patterns(undeclared)}, which {type(merged.config).__name__} has no option to declare, so "
-            f"save_pretrained + from_pretrained would drop them (expected target_modules with a bias of their own: "
-            f"{_layer_patterns(with_bias) or 'none'}; or run the adapter unmerged with adapter_names=[...])"
-        )
-    for name in sorted(set().union(*options.values()) - shapes.keys()):
-        module_name, _, param = name.rpartition(".")
-        module = merged.get_submodule(module_name)
-        setattr(module, param, nn.Parameter(module.weight.new_zeros(expected[name])))
-    retied = [group for group in expected_ties if group not in ties]
-    if retied:
-        raise ValueError(
-            f"cannot merge {what} into {model_class.__name__}: the merge makes {_layer_patterns(retied[0])} "
-            f"different, but the config ties them, so save_pretrained + from_pretrained would make them equal again"
-        )
-
-
-def _parameter_layout(model: nn.Module) -> tuple[dict[str, torch.Size], set[frozenset[str]]]:
-    """``({parameter name: shape}, {the names of each tensor shared under several names})``."""
-    names_of: dict[int, list[str]] = {}
-    shapes = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        shapes[name] = parameter.shape
-        names_of.setdefault(id(parameter), []).append(name)
-    return shapes, {frozenset(names) for names in names_of.values() if len(names) > 1}
-
-
-def _layout_from_config(
-    model_class: type[PreTrainedModel], config
-) -> tuple[dict[str, torch.Size], set[frozenset[str]]]:
-    """The `_parameter_layout` of the model that ``from_pretrained`` builds from ``config`` (on the meta device)."""
-    with torch.device("meta"):
-        return _parameter_layout(model_class(copy.deepcopy(config)))
-
-
-def _bias_options(model_class: type[PreTrainedModel], config, expected: dict[str, torch.Size]) -> dict[str, set[str]]:
-    """``config``'s boolean options named ``*bias*`` that are off and, turned on, only add ``.bias``
-    parameters to the ``expected`` layout: ``{option: the parameter names it adds}``."""
-    options = {}
-    for option, value in config.to_dict().items():
-        if "bias" not in option or value is not False:
-            continue
-        trial = copy.deepcopy(config)
-        setattr(trial, option, True)
-        names = _layout_from_config(model_class, trial)[0].keys()
-        created = names - expected.keys()
-        if created and expected.keys() <= names and all(n.endswith(".bias") for n in created):
-            options[option] = created
-    return options
-
-
-def _tied_parameter_ids(model: nn.Module) -> set[int]:
-    """The ids of parameters that ``model`` holds under more than one name (tied weights)."""
-    _, ties = _parameter_layout(model)
-    return {id(model.get_parameter(name)) for names in ties for name in names}
-
-
-def _layer_patterns(names) -> str:
-    """``"model.layers.*.mlp.up_proj, ..."``: module names with the layer numbers folded, parameter suffixes dropped."""
-    return ", ".join(
-        sorted({re.sub(r"\.\d+\.", ".*.", n.removesuffix(".bias").removesuffix(".weight")) for n in names})
-    )
 
 
 def _batch_size(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int:

@@ -1,8 +1,9 @@
 """Virtual-token adapters (prompt tuning, prefix tuning) with a different one, or none, per row.
 
-`VirtualTokens` holds the adapters of both methods for an `AdapterModel` and turns one batch into
-the base model's inputs; the methods themselves (configs, parameters, files): `flora.methods.prompt`
-and `flora.methods.prefix`.
+`VirtualTokens` holds the adapters of both methods for an `AdapterModel`, works out a batch's
+`flora.methods.prompt.VirtualPlan` (kept by the batch) and turns the batch into the base model's
+inputs; the methods themselves (configs, parameters, files): `flora.methods.prompt` and
+`flora.methods.prefix`.
 
 A batch ``[batch, tokens]`` whose row ``i`` uses a soft prompt of ``n_i`` tokens or a prefix of
 ``m_i`` tokens (or nothing) becomes, with ``Nv = max n_i`` and ``Np = max m_i``:
@@ -37,7 +38,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,60 +45,9 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from flora.base import CACHE_KEY, CACHE_KEYS
+from flora.methods.batch import AdapterBatch
 from flora.methods.prefix import KVGeometry, PrefixBank, PrefixTuningConfig, split_prefix
-from flora.methods.prompt import PROMPT_KEY, PromptBank, PromptLearningConfig, PromptTuningConfig
-from flora.routing import Routing
-
-VIRTUAL_METHODS: dict[str, type[PromptLearningConfig]] = {
-    "PROMPT_TUNING": PromptTuningConfig,
-    "PREFIX_TUNING": PrefixTuningConfig,
-}
-
-
-def virtual_config_class(peft_type: Any) -> type[PromptLearningConfig] | None:
-    """The config class of a virtual-token ``peft_type``, or ``None`` for any other method."""
-    return VIRTUAL_METHODS.get(str(peft_type).upper())
-
-
-@dataclass
-class VirtualPlan:
-    """What one routing needs, derived once (all tensors on the model's device).
-
-    Attributes:
-        prompt_len, prefix_len: ``[batch]``: each row's ``n_i`` / ``m_i`` (0 where it has none).
-        prompt_index, prefix_index: ``[batch, Nv]`` / ``[batch, Np]``: row ``i``'s slot ``j`` reads row
-            ``index[i, j]`` of the stacked table ``[zeros(1) ; adapter_1 ; adapter_2 ; ...]`` (0: padding).
-        prompts, prefixes: the adapters in table order.
-    """
-
-    prompt_len: Tensor
-    prefix_len: Tensor
-    prompt_index: Tensor
-    prefix_index: Tensor
-    prompts: list[str]
-    prefixes: list[str]
-
-    @property
-    def num_prompt(self) -> int:  # Nv
-        return self.prompt_index.shape[1]
-
-    @property
-    def num_prefix(self) -> int:  # Np
-        return self.prefix_index.shape[1]
-
-    @property
-    def offset(self) -> Tensor:
-        """``[batch, 1]``: how far each row's real tokens move right in position."""
-        return (self.prompt_len + self.prefix_len)[:, None]
-
-    def virtual_mask(self, dtype: torch.dtype) -> Tensor:
-        """``[batch, Np + Nv]``: 1 on each row's own prefix and prompt slots, 0 on padding."""
-        return torch.cat([self.prefix_index, self.prompt_index], dim=1).ne(0).to(dtype)
-
-    def prompt_positions(self) -> Tensor:
-        """``[batch, Nv]``: ``0 .. n_i-1`` on row ``i``'s prompt slots, 0 on padding."""
-        slots = torch.arange(self.num_prompt, device=self.prompt_len.device)
-        return (slots[None, :] - (self.num_prompt - self.prompt_len)[:, None]).clamp(min=0)
+from flora.methods.prompt import PROMPT_KEY, PromptBank, PromptLearningConfig, PromptTuningConfig, VirtualPlan
 
 
 def _index(lengths: list[int], starts: list[int], device: torch.device) -> Tensor:
@@ -122,7 +71,7 @@ class VirtualTokens(nn.Module):
     # -- adapters ------------------------------------------------------------------------------
 
     def holds(self, name: str) -> bool:
-        return name in self.prompt.adapters() or name in self.prefix.adapters()
+        return self.prompt.holds(name) or self.prefix.holds(name)
 
     def add(
         self,
@@ -156,7 +105,7 @@ class VirtualTokens(nn.Module):
         self.prefix.remove(name)
 
     def _bank(self, name: str) -> PromptBank | PrefixBank:
-        return self.prompt if name in self.prompt.adapters() else self.prefix
+        return self.prompt if self.prompt.holds(name) else self.prefix
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         """Adapter ``name``'s file tensors, PEFT's layout: ``{"prompt_embeddings": ...}``."""
@@ -165,32 +114,27 @@ class VirtualTokens(nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return self._bank(name).adapter_parameters(name)
 
-    # -- per routing -----------------------------------------------------------------------------
+    # -- per batch -------------------------------------------------------------------------------
 
-    def plan(self, routing: Routing | None) -> VirtualPlan | None:
-        """The virtual tokens of ``routing``'s rows (memoised on it), or ``None`` when no row has any."""
-        if routing is None:
-            return None
-        key = ("virtual_tokens", id(self))
-        if key not in routing.memo:
-            routing.memo[key] = self._plan(routing)
-        return routing.memo[key]
-
-    def _plan(self, routing: Routing) -> VirtualPlan | None:
-        prompt_groups = routing.rows_by_adapter(self.prompt.adapters())
-        prefix_groups = routing.rows_by_adapter(self.prefix.adapters())
-        if not prompt_groups and not prefix_groups:
+    def plan(self, batch: AdapterBatch) -> VirtualPlan | None:
+        """The virtual tokens of ``batch``'s rows, or ``None`` when no row has any (the model keeps it
+        in ``batch.virtual``)."""
+        prompt_groups = batch.plan(self.prompt, self.prompt.holds)
+        prefix_groups = batch.plan(self.prefix, self.prefix.holds)
+        if prompt_groups is None and prefix_groups is None:
             return None
         tables = []
-        for groups, bank in ((prompt_groups, self.prompt), (prefix_groups, self.prefix)):
-            lengths, starts, start = [0] * routing.batch_size, [0] * routing.batch_size, 1
-            for name, rows in groups.items():
+        for plan, bank in ((prompt_groups, self.prompt), (prefix_groups, self.prefix)):
+            lengths, starts, start = [0] * batch.batch_size, [0] * batch.batch_size, 1
+            for name, rows in (plan.groups if plan else {}).items():
                 for row in rows:
                     lengths[row], starts[row] = bank.length(name), start
                 start += bank.length(name)
-            tables.append((torch.tensor(lengths, device=routing.device), _index(lengths, starts, routing.device)))
+            tables.append((torch.tensor(lengths, device=batch.device), _index(lengths, starts, batch.device)))
         (prompt_len, prompt_index), (prefix_len, prefix_index) = tables
-        return VirtualPlan(prompt_len, prefix_len, prompt_index, prefix_index, list(prompt_groups), list(prefix_groups))
+        return VirtualPlan(prompt_len, prefix_len, prompt_index, prefix_index,
+                           list(prompt_groups.groups if prompt_groups else ()),
+                           list(prefix_groups.groups if prefix_groups else ()))  # fmt: skip
 
     def prompt_block(self, plan: VirtualPlan, dtype: torch.dtype) -> Tensor:
         """``[batch, Nv, hidden]``: each row's soft prompt, left-padded with zeros (differentiable)."""
@@ -209,19 +153,19 @@ class VirtualTokens(nn.Module):
     def forward(
         self,
         base_model: PreTrainedModel,
-        routing: Routing | None,
+        batch: AdapterBatch | None,
         input_ids: Tensor | None,
         attention_mask: Tensor | None,
         kwargs: dict[str, Any],
     ):
         """``base_model(input_ids, attention_mask=..., **kwargs)`` with each row's virtual tokens added
         (see the module docstring); ``logits`` cover the real tokens only."""
-        plan = self.plan(routing)
+        plan = None if batch is None else batch.virtual
         if plan is None:
             return base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         embeds = kwargs.pop("inputs_embeds", None)
         source = input_ids if input_ids is not None else embeds
-        batch, tokens = source.shape[:2]
+        rows, tokens = source.shape[:2]
         device = source.device
         given = [key for key in CACHE_KEYS if kwargs.get(key) is not None]
         if given:
@@ -232,11 +176,11 @@ class VirtualTokens(nn.Module):
         if kwargs.get("token_type_ids") is not None:
             raise ValueError("token_type_ids are not supported with prompt- or prefix-tuning adapters")
         if attention_mask is None:
-            attention_mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
+            attention_mask = torch.ones(rows, tokens, dtype=torch.long, device=device)
         positions = kwargs.pop("position_ids", None)
         if positions is None:
             positions = torch.arange(tokens, device=device)
-        positions = positions.reshape(-1, tokens).expand(batch, tokens) + plan.offset
+        positions = positions.reshape(-1, tokens).expand(rows, tokens) + plan.offset
         if plan.num_prompt:
             if embeds is None:
                 embeds = base_model.get_input_embeddings()(input_ids)
@@ -245,7 +189,7 @@ class VirtualTokens(nn.Module):
             positions = torch.cat([plan.prompt_positions(), positions], dim=1)
             labels = kwargs.get("labels")
             if labels is not None:
-                virtual = labels.new_full((batch, plan.num_prompt), -100)
+                virtual = labels.new_full((rows, plan.num_prompt), -100)
                 labels = torch.cat([virtual, labels], dim=1)
                 labels[:, plan.num_prompt] = labels[:, plan.num_prompt].masked_fill(plan.prompt_len == 0, -100)
                 kwargs["labels"] = labels
@@ -269,10 +213,10 @@ class VirtualTokens(nn.Module):
     # -- generate --------------------------------------------------------------------------------
 
     @contextmanager
-    def generating(self, base_model: PreTrainedModel, routing: Routing | None) -> Iterator[None]:
+    def generating(self, base_model: PreTrainedModel, batch: AdapterBatch | None) -> Iterator[None]:
         """Within the block, ``base_model.generate`` adds each row's virtual tokens (PEFT's way: its
         ``prepare_inputs_for_generation`` is wrapped for the duration)."""
-        if self.plan(routing) is None:
+        if batch is None or batch.virtual is None:
             yield
             return
         own = base_model.__dict__.get("prepare_inputs_for_generation")
@@ -283,7 +227,7 @@ class VirtualTokens(nn.Module):
         def prepare_inputs_for_generation(input_ids: Tensor, *args, **kwargs) -> dict[str, Any]:
             nonlocal steps
             inputs = original(input_ids, *args, **kwargs)
-            inputs = self._generation_inputs(base_model, routing, inputs, first_step=steps == 0)
+            inputs = self._generation_inputs(base_model, batch, inputs, first_step=steps == 0)
             steps += 1
             return inputs
 
@@ -297,15 +241,15 @@ class VirtualTokens(nn.Module):
                 base_model.prepare_inputs_for_generation = own
 
     def _generation_inputs(
-        self, base_model: PreTrainedModel, routing: Routing, inputs: dict[str, Any], first_step: bool
+        self, base_model: PreTrainedModel, batch: AdapterBatch, inputs: dict[str, Any], first_step: bool
     ) -> dict[str, Any]:
         """One step's model inputs with the virtual tokens: at the first step (empty cache) the prompts
         go before the input embeddings and the prefixes into the cache; every step extends the
         attention mask over them and shifts the position ids."""
         source = inputs.get("inputs_embeds")
         source = inputs["input_ids"] if source is None else source
-        batch, tokens = source.shape[:2]
-        plan = self.plan(routing.expanded(batch))
+        rows, tokens = source.shape[:2]
+        plan = batch.expanded(rows).virtual
         cache = inputs.get(CACHE_KEY)
         if cache is None:
             raise ValueError("generate with prompt- or prefix-tuning adapters needs use_cache=True")
@@ -319,7 +263,7 @@ class VirtualTokens(nn.Module):
         mask = inputs.get("attention_mask")
         if mask is None:  # transformers drops an all-ones mask
             real = tokens if first else seen - plan.num_prefix - plan.num_prompt + tokens
-            mask = torch.ones(batch, real, dtype=torch.long, device=source.device)
+            mask = torch.ones(rows, real, dtype=torch.long, device=source.device)
         elif mask.ndim != 2:
             raise ValueError("generate with prompt- or prefix-tuning adapters needs a 2D attention mask")
         inputs["attention_mask"] = torch.cat([plan.virtual_mask(mask.dtype), mask], dim=1)

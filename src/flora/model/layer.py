@@ -1,6 +1,6 @@
 """`AdaptedLayer`: a base Linear or GPT-2 ``Conv1D`` together with its adapter banks.
 
-Forward, for the routing in force (no routing, or no row using an adapter here: the bare base layer):
+Forward, for the batch in force (none, or no row using an adapter here: the bare base layer):
 
 1. banks that scale the input (IA3 feed-forward) rescale their rows of ``x``;
 2. the base output: ``base_layer(x)``, or a multiplicative bank's output (FLoRA) when one of its
@@ -9,23 +9,19 @@ Forward, for the routing in force (no routing, or no row using an adapter here: 
 
 Each row uses at most one adapter, so every other bank leaves that row as it is. When one bank
 alone has rows here, it may fold steps 2-3 into one (`Bank.fused_step`: LoRA adds its update as
-the input term of the base matmul). The steps are compiled once per routing and input shape into
-one closure (strategy chosen, per-row weights gathered) and, without autograd, memoised on the
-routing: a decode step is a dict lookup and the kernels. A closure whose banks all read the rows'
-adapters when it runs (`Bank.reads_names_when_run`) may serve the next routing of the same shape
-(`flora.routing`).
+the input term of the base matmul). The steps are compiled once per batch and input shape into
+one function ``(batch, x) -> out`` (strategies chosen) that the batch keeps
+(`flora.methods.batch.AdapterBatch.step`): a decode step is a dict lookup and the kernels.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from flora.methods.base import Bank
-from flora.routing import Routing, RoutingState, carried_key
+from flora.methods.batch import AdapterBatch, AdapterRuntime, Step
 
 ADAPTABLE = (nn.Linear, Conv1D)
 
@@ -45,12 +41,12 @@ def weight_out_in(module: nn.Module) -> Tensor:
 class AdaptedLayer(nn.Module):
     """A base layer (``base_layer``) and one bank per method that has adapters here (``banks``)."""
 
-    def __init__(self, base_layer: nn.Module, state: RoutingState) -> None:
+    def __init__(self, base_layer: nn.Module, runtime: AdapterRuntime) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = layer_features(base_layer)
         self.banks = nn.ModuleDict()
-        self._state = [state]  # a list, so nn.Module does not register it
+        self._runtime = [runtime]  # a list, so nn.Module does not register it
 
     def weight_out_in(self) -> Tensor:
         return weight_out_in(self.base_layer)
@@ -58,7 +54,7 @@ class AdaptedLayer(nn.Module):
     def bank(self, bank_class: type[Bank]) -> Bank:
         """This layer's bank of ``bank_class``, created on first use."""
         if bank_class.method not in self.banks:  # in this layer's mode: no dropout added to a model in eval
-            self.banks[bank_class.method] = bank_class(self.in_features, self.out_features, self._state[0]).train(
+            self.banks[bank_class.method] = bank_class(self.in_features, self.out_features, self._runtime[0]).train(
                 self.training
             )
         return self.banks[bank_class.method]
@@ -68,54 +64,47 @@ class AdaptedLayer(nn.Module):
             del self.banks[method]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        routing = self._state[0].current
-        if routing is None:
+        batch = self._runtime[0].current
+        if batch is None:
             return self.base_layer(x, *args, **kwargs)
-        if x.shape[0] != routing.batch_size:
-            routing = routing.expanded(x.shape[0])
+        if x.shape[0] != batch.batch_size:
+            batch = batch.expanded(x.shape[0])
         if torch.is_grad_enabled():
             # Under autograd the per-row weights are gathered in every call: activation
             # checkpointing re-runs the forward and must see the same operations again.
-            return self._compile(routing, x)(x)
-        key = (id(self), x.shape[1:])  # the batch is the routing's
-        run = routing.layers.get(key)
-        if run is None:
-            run = routing.carried.get(carried_key(key)) if routing.carried else None
-            run = routing.layers[key] = self._compile(routing, x) if run is None else run
-        return run(x)
+            return self._compile(batch, x)(batch, x)
+        return batch.step(id(self), x, self._compile)(batch, x)
 
-    def _compile(self, routing: Routing, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """One function ``x -> out`` for this routing, with every bank's strategy chosen and its
-        per-row weights gathered. The bare base layer when no row uses an adapter here."""
-        key = (id(self), "plans")
-        if key not in routing.memo:
-            routing.memo[key] = [(b, plan) for b in self.banks.values() if (plan := b.plan(routing)) is not None]
-        active = routing.memo[key]
+    def _base(self, batch: AdapterBatch, x: Tensor) -> Tensor:
+        return self.base_layer(x)
+
+    def _compile(self, batch: AdapterBatch, x: Tensor) -> Step:
+        """One function ``(batch, x) -> out`` for batches like ``batch``, with every bank's strategy chosen.
+        The bare base layer when no row uses an adapter here."""
+        active = [bank for bank in self.banks.values() if bank.plan(batch) is not None]
         if not active:
-            return self.base_layer
-        if not all(bank.reads_names_when_run for bank, _ in active):
-            routing.reusable = False
-        inputs = [step for bank, plan in active if (step := bank.input_step(plan, routing)) is not None]
+            return self._base
+        inputs = [step for bank in active if (step := bank.input_step(batch)) is not None]
         sample = x
         for step in inputs:
-            sample = step(sample)
+            sample = step(batch, sample)
         if not inputs and len(active) == 1:  # the usual case: one bank, maybe fused with the base matmul
-            fused = active[0][0].fused_step(active[0][1], routing, self, x)
+            fused = active[0].fused_step(batch, self, x)
             if fused is not None:
                 return fused
-        replacing = [(bank, plan) for bank, plan in active if bank.replaces_base]
-        base = replacing[0][0].base_step(replacing[0][1], routing, self, sample) if replacing else self.base_layer
-        outputs = [step for bank, plan in active if (step := bank.output_step(plan, routing, sample, base)) is not None]
+        replacing = [bank for bank in active if bank.replaces_base]
+        base = replacing[0].base_step(batch, self, sample) if replacing else self._base
+        outputs = [step for bank in active if (step := bank.output_step(batch, sample, base)) is not None]
         if not inputs and len(outputs) == 1:  # the usual case: one additive or scaling bank
             output = outputs[0]
-            return lambda x: output(x, base(x))
+            return lambda batch, x: output(batch, x, base(batch, x))
 
-        def run(x: Tensor) -> Tensor:
+        def run(batch: AdapterBatch, x: Tensor) -> Tensor:
             for step in inputs:
-                x = step(x)
-            out = base(x)
+                x = step(batch, x)
+            out = base(batch, x)
             for step in outputs:
-                out = step(x, out)
+                out = step(batch, x, out)
             return out
 
         return run
