@@ -9,6 +9,7 @@
   only when asked (``allow_download=True``). ``HuggingFaceTB/SmolLM2-135M-Instruct`` is not replaced
   by ``smollm2-135m``: that one is the Q4_1 quantized GGUF de-quantized, not the hub's weights (the
   error names it as the alternative that needs no download).
+- ``random:NAME``: a known architecture with random weights, for benchmarks (`flora.random_base`).
 
 The model keeps the name it was asked for as ``config._name_or_path`` (``"smollm2-135m"``, the id,
 or the directory as given), which saved adapters record as ``base_model_name_or_path``: never the
@@ -30,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from flora import hub
+from flora import hub, random_base
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, allow_download: bool | No
     with a ``config.json``, or a Hugging Face id found in the local cache (downloaded only when
     ``allow_download``, default ``$FLORA_ALLOW_DOWNLOAD``)."""
     key = str(name_or_path)
+    if random_base.is_random(key):
+        return random_base.random_model_dir(key, cache_dir() / "models")
     if key in KNOWN_MODELS:
         target = cache_dir() / "models" / key
         if not (target / "config.json").is_file():
@@ -153,14 +156,18 @@ def load_base(
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m"``, a local directory readable by ``from_pretrained``, or a
-            Hugging Face id in the local cache (`resolve_model_dir`).
+        name_or_path: ``"smollm2-135m"``, a local directory readable by ``from_pretrained``, a
+            Hugging Face id in the local cache, or ``random:NAME`` (`resolve_model_dir`).
         dtype: parameter dtype.
         device: where to put the model.
         allow_download: fetch a Hugging Face id missing from the cache (default: ``$FLORA_ALLOW_DOWNLOAD``).
     """
     directory = resolve_model_dir(name_or_path, allow_download)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    if random_base.random_weights_seed(directory) is None:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    else:
+        model = random_base.build_random(directory, dtype)
+    model = model.to(device).eval()
     model.config._name_or_path = str(name_or_path)  # what adapters record, not the cache path read
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     return model, tokenizer
