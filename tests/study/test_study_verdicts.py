@@ -236,6 +236,6 @@ def test_the_peft_findings_and_the_report_on_a_synthetic_store(tmp_path):
     slower = found["LoRA learns slower than adapters"]
     assert slower.verdict == AGREES and slower.parts[0].estimate.value > 0.3
     report = write_report(out).read_text()
-    assert "- rule: per method, the difference to full fine-tuning" in report
+    assert "- rule: per method, x = its score minus full fine-tuning's" in report
     assert "| Zero-shot base model |" in report and "## Closing note" in report
     assert "[" in report.split("| Zero-shot base model |")[1].splitlines()[0]  # its scores have intervals

@@ -11,12 +11,15 @@ Modules, in the order a run uses them:
 - `spec`: the TOML spec, its profiles and its validation (`load_spec`, `StudySpec`).
 - `data`: the study's tasks and the instances trials train and are scored on (`load_study_data`).
 - `plan`: the trials (one per grid point; id = hash of what decides its result) and their packs.
-- `execute`: one pack: packed training, validation at checkpoints, best checkpoint, final scores.
+- `execute`: one pack: packed training, validation-loss curves, every split scored per instance at the end.
 - `backends`: where packs run: this process, or Ray tasks.
-- `store`: the SQLite store (one row per trial) and the run lock.
+- `store`: the SQLite store (a row per trial, its per-instance scores and curve) and the run lock.
 - `progress`: the progress bars of a run.
 - `runner`: `run_study`, which ties them together.
 - `status`: `study_status` (done, running, failed, ETA).
+- `stats`: the hierarchical bootstrap (tasks, instances, seeds) and the power estimate.
+- `results`: cells, learning rates chosen on validation only, scores and differences with intervals.
+- `verdicts`: agrees / disagrees / cannot tell from an interval (superiority, non-inferiority).
 - `tables`, `figures`, `findings`, `report`: the report.
 """
 

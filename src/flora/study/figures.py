@@ -9,7 +9,7 @@ what is drawn. The zero-shot base model is a dashed grey line where its score ap
   rank, adapter size, virtual tokens): they are different quantities;
 - `params_figure`: score against trainable parameters (log scale);
 - `loss_figure`: training loss per step, an exponential moving average over the raw loss drawn faint;
-- `curve_figure`: validation loss at the measured steps, with a 95 % band;
+- `curve_figure`: validation loss at the measured steps, with 95 % intervals;
 - `category_figure`: the category x method table as a heat map.
 """
 
@@ -53,7 +53,8 @@ def _save(fig, path: Path) -> Path:
 
 def _errors(rows: Sequence[dict[str, Any]], column: str) -> np.ndarray:
     """``[2, n]`` asymmetric error bars (value - low, high - value) of ``column``."""
-    return np.array([[r[column] - r[f"{column}_low"] for r in rows], [r[f"{column}_high"] - r[column] for r in rows]])
+    bars = np.array([[r[column] - r[f"{column}_low"] for r in rows], [r[f"{column}_high"] - r[column] for r in rows]])
+    return np.maximum(bars, 0.0)  # a degenerate interval may sit a rounding error off its point
 
 
 def _ticks(ax, values: Sequence[float], label) -> None:
@@ -203,16 +204,19 @@ def loss_figure(series: dict[str, dict[str, list[float]]], path: Path, seeds: di
 def curve_figure(series: dict[str, dict[str, tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]], path: Path,
                  ylabel: str, n: str) -> Path:  # fmt: skip
     """Validation loss at the measured steps: ``{panel: {label: (steps, mean, low, high)}}``, a line
-    with markers and a 95 % band per label."""
+    with markers per label and its 95 % intervals as error bars (shifted a little per label, so
+    overlapping ones stay apart)."""
     panels = list(series)
     columns = min(3, max(len(panels), 1))
     lines = math.ceil(max(len(panels), 1) / columns)
     fig, axes = plt.subplots(lines, columns, figsize=(5.0 * columns, 3.6 * lines), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
-        for index, (label, (steps, mean, low, high)) in enumerate(series[panel].items()):
-            look = style(index)
-            ax.fill_between(steps, low, high, color=look["color"], alpha=0.15, linewidth=0)
-            ax.plot(steps, mean, label=label, markersize=4, **look)
+        labels = list(series[panel].items())
+        for index, (label, (steps, mean, low, high)) in enumerate(labels):
+            shift = (index - (len(labels) - 1) / 2) * 0.012 * (max(steps) - min(steps) or 1)
+            x = np.asarray(steps, dtype=float) + shift
+            bars = np.maximum([mean - low, high - mean], 0.0)
+            ax.errorbar(x, mean, yerr=bars, capsize=2, elinewidth=0.8, markersize=4, label=label, **style(index))
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -220,7 +224,7 @@ def curve_figure(series: dict[str, dict[str, tuple[list[int], np.ndarray, np.nda
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(f"{ylabel} during training (bands: 95 % intervals; {n})", fontsize=10)
+    fig.suptitle(f"{ylabel} during training (bars: 95 % intervals; {n})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -143,10 +143,11 @@ def _close_to_full(results, choice: dict[str, Choice], split: str, what: str, ma
     paper = (
         "T5-xl, 707 tasks: LoRA and adapters approach full fine-tuning; IA3, prompt and prefix tuning stay well below"
     )
-    rule = (f"per method, the difference to full fine-tuning ({what}, each at its learning rate chosen on validation "
-            f"in its sweep): LoRA "
-            f"and adapters {non_inferiority(margin).describe('it')} (within the margin of {margin:g} points); the "
-            f"other methods {not_close(margin).describe('it')}; all parts must agree")  # fmt: skip
+    rule = (f"per method, x = its score minus full fine-tuning's ({what}, each at its learning rate chosen on "
+            f"validation in its sweep). LoRA and adapters claim x > -{margin:g} (non-inferiority, margin {margin:g} "
+            f"points): {non_inferiority(margin).describe('x')}; the other methods claim x < -{margin:g} (not close): "
+            f"{not_close(margin).describe('x')}. The finding agrees when every part agrees, disagrees when any "
+            f"disagrees")  # fmt: skip
     parts = []
     if "full" in choice:
         full = choice["full"]
@@ -187,10 +188,10 @@ def _instability(results: StudyResults, split: str, what: str) -> Finding:
     claim = "LoRA and adapters are unstable away from their best learning rate"
     paper = "outside the ideal setting (learning rate, size, tasks) LoRA and adapters are unstable"
     rule = ("unstable means a diverged trial (NaN or infinite loss) or seed-to-seed variance, not a lower score: "
-            "agrees when trials diverged away from the best learning rate and none at it, or when the 95 % interval of "
-            "the seed variance away from it over the variance at it (an F interval) lies above 1; disagrees when no "
-            "trial "
-            "diverged and that interval lies below 1; otherwise cannot tell")  # fmt: skip
+            "per method, agrees when trials diverged away from the best learning rate and none at it, or when the 95 % "
+            "interval of the seed variance away from it over the variance at it (an F interval) lies above 1; "
+            "disagrees when no trial diverged and that interval lies below 1; otherwise cannot tell; both methods "
+            "must agree")  # fmt: skip
     parts = []
     for method in ("lora", "bottleneck"):
         sweep = results.sweep(method)

@@ -107,10 +107,13 @@ def write_report(directory: str | Path) -> Path:
                else []), *[SPLIT_TITLES[s] for s in splits], "chosen for", "unbracketed"]  # fmt: skip
     out += ["## Headline", "",
             f"The zero-shot base model, then each method at the learning rate of its sweep with the best mean "
-            f"validation {metric}: on the validation tasks for the unseen-task score, on the training tasks' "
-            f"validation instances for the seen-task score (`chosen for`). {metric} 0-100 at the final step "
-            f"(step {step}), mean over seeds, with its 95 % interval ({n}). Validation columns are the points "
-            f"selection reads. `unbracketed`: the chosen learning rate is an end of its grid (or never swept).", "",
+            f"validation {metric}: "
+            + ("on the validation tasks for the unseen-task score, on the training tasks' validation instances for "
+               "the seen-task score (`chosen for`). " if "unseen" in splits else
+               "on the training tasks' validation instances. ")
+            + f"Scores 0-100 at the final step (step {step}), mean over seeds, with their 95 % intervals ({n}). "
+            f"Validation columns are the points selection reads. `unbracketed`: the chosen learning rate is an end "
+            f"of its grid (or never swept).", "",
             to_markdown(headline, columns, headers), "",
             f"Table: `{files.table('headline.csv', to_csv(headline))}`.", ""]  # fmt: skip
     baseline = {s: next((r[s] for r in headline if r["method"] == "zero_shot"), None) for s in splits}
@@ -139,9 +142,15 @@ def write_report(directory: str | Path) -> Path:
                 results.zero_shot and results.zero_shot.done) else None  # fmt: skip
         slug = _slug(experiment["name"])
         figure_number += 1
+        figure_n = n
+        if axis == "num_tasks" and "seen" in splits:
+            layout, _ = results.layout("seen", common)
+            figure_n = "; ".join(filter(None, [_n(results, [s for s in splits if s != "seen"]),
+                                               f"seen on the common tasks: n = {len(layout.tasks)} tasks x "
+                                               f"{layout.per_task} instances"]))  # fmt: skip
         figures.experiment_figure(rows, axis, experiment_panels, files.figure(f"{slug}.png"),
                                   f"{experiment['name']}: {metric} against {figures.AXIS_LABELS[axis]}", baseline,
-                                  n)  # fmt: skip
+                                  figure_n)  # fmt: skip
         table_columns = ["series", axis if axis not in ("method", "learning_rate") else "num_tasks", "learning_rate",
                          "seeds", "unstable", "trainable_params", "validation",
                          *(["validation_tasks"] if "unseen" in splits else []),
@@ -149,7 +158,7 @@ def write_report(directory: str | Path) -> Path:
         out += [f"### {experiment['name']} (x: {figures.AXIS_LABELS[axis]})", "",
                 f"![{experiment['name']}]({FIGURES_DIR}/{slug}.png)", "",
                 f"*Figure {figure_number}.* Trials: {_cells_text(cells)}. Metric: {metric} (95 % intervals: "
-                f"{n}); every trial at its final step (step {step}); dashed grey: the zero-shot base model."
+                f"{figure_n}); every trial at its final step (step {step}); dashed grey: the zero-shot base model."
                 + (" Sizes of different kinds (rank, adapter size, virtual tokens) in separate panels."
                    if axis == "size" else "")
                 + (" The seen panel scores only the tasks every trial trained on; a trial's own seen score "
@@ -267,7 +276,7 @@ def _curves(out: list[str], files: _Writer, results: StudyResults, figure_number
         out += ["## Learning curves", "", f"![learning curves]({FIGURES_DIR}/learning_curves.png)", "",
                 f"*Figure {figure_number}.* Trials: {trials}. Metric: teacher-forced loss on the response tokens of "
                 f"the training tasks' validation instances (mean over instances, then tasks, then seeds), at step 0 "
-                f"and the measured steps; bands: 95 % intervals over tasks, instances and seeds. The \"learns "
+                f"and the measured steps; bars: 95 % intervals over tasks, instances and seeds. The \"learns "
                 f"slower\" finding reads these curves.", ""]  # fmt: skip
     if losses:
         figure_number += 1

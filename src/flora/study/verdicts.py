@@ -49,7 +49,7 @@ class Rule:
         """The rule in words, for the report."""
         side, other = ("above", "at or below") if self.above else ("below", "at or above")
         return (f"agrees when the 95 % interval of {quantity} lies {side} {self.boundary:g}, disagrees when it lies "
-                f"{other} it, otherwise cannot tell")  # fmt: skip
+                f"{other} {self.boundary:g}, otherwise cannot tell")  # fmt: skip
 
 
 SUPERIORITY = Rule(0.0, above=True)
