@@ -16,7 +16,8 @@ round so that machine noise hits every system alike:
 
 Every record has ``tokens_per_s`` (median over rounds) and ``ratio_to_base``: each timed call
 follows a call of the bare model in the same phase, and the ratio is the median of those pairs
-(`harness.measure`). Usage:
+(`harness.measure`). ``--sweeps none`` leaves out the rank and phase sweeps; ``--device cuda --dtype
+bfloat16`` runs on a GPU; ``--model random:smollm2-135m`` needs no weights. Usage:
 
     python benchmarks/batch_generation.py --json out.json
 """
@@ -30,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from harness import Case, assignment, measure, randomize, token_rows, write_json
+from harness import DTYPES, Case, add_device_options, assignment, machine, measure, randomize, token_rows, write_json
 from peft import PeftModel
 
 from flora import AdapterModel, FloraConfig, LoraConfig, load_base
@@ -49,14 +50,17 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=8, help="one-token steps per decode-phase measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT baselines")
+    parser.add_argument("--sweeps", choices=("all", "none"), default="all", help="the rank and phase sweeps")
+    add_device_options(parser)
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     distincts = [int(d) for d in args.distinct.split(",")]
     flora_ranks = [int(r) for r in args.flora_ranks.split(",")]
     torch.manual_seed(0)
 
-    base, tokenizer = load_base(args.model)
-    ids = token_rows(tokenizer, args.rows, args.prompt_tokens)
+    dtype = DTYPES[args.dtype]
+    base, tokenizer = load_base(args.model, dtype=dtype, device=args.device)
+    ids = token_rows(tokenizer, args.rows, args.prompt_tokens).to(args.device)
     mask = torch.ones_like(ids)
     gen = dict(
         max_new_tokens=args.new_tokens,
@@ -65,7 +69,10 @@ def main() -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    model = AdapterModel(load_base(args.model)[0], tokenizer)
+    model = AdapterModel(load_base(args.model, dtype=dtype, device=args.device)[0], tokenizer)
+    model.adapter_dtype = DTYPES[args.adapter_dtype] if args.adapter_dtype else None
+    if args.sweeps == "none":
+        flora_ranks = []
     most = max(distincts)
     for i in range(most):
         model.add_adapter(f"lora{i}", LoraConfig(r=args.rank, alpha=2 * args.rank))
@@ -112,7 +119,7 @@ def main() -> None:
             }
             cases.append(Case(record, flora_run(names, strategy)))
 
-    for phase in ("prefill", "decode"):
+    for phase in ("prefill", "decode") if flora_ranks else ():
         phase_run = prefill_run if phase == "prefill" else functools.partial(decode_run, steps=args.decode_steps)
         tokens = args.rows * (args.prompt_tokens if phase == "prefill" else args.decode_steps)
         record = {"system": "base", "method": None, "strategy": None, "distinct_adapters": 0, "rank": None}
@@ -127,7 +134,7 @@ def main() -> None:
                 cases.append(Case(record, phase_run(model.base_model, routed, ids, mask)))
 
     if not args.skip_peft:
-        peft_model = peft_with_adapters(model, args.model, most)
+        peft_model = peft_with_adapters(model, args.model, most, dtype, args.device)
         for distinct in distincts:
             names = assignment(args.rows, distinct, "lora")
             record = {
@@ -174,7 +181,8 @@ def main() -> None:
         result = {
             "benchmark": "batch_generation", "model": args.model, "rows": args.rows,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "records": records, "summary": summary,
+            "rounds": args.rounds, "device": args.device, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype,
+            "machine": machine(args.device), "records": records, "summary": summary,
         }  # fmt: skip
         write_json(args.json, result)
 
@@ -220,7 +228,7 @@ def routed_with(model: AdapterModel, names: list[str], strategy: str):
     return routed
 
 
-def peft_with_adapters(model: AdapterModel, model_name: str, count: int) -> PeftModel:
+def peft_with_adapters(model: AdapterModel, model_name: str, count: int, dtype, device) -> PeftModel:
     """A PEFT model holding the same LoRA adapters ``lora0..`` as ``model`` (saved and loaded)."""
     peft_model = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,7 +236,7 @@ def peft_with_adapters(model: AdapterModel, model_name: str, count: int) -> Peft
             model.save_adapter(f"lora{i}", Path(tmp) / f"lora{i}")
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(
-                    load_base(model_name)[0], Path(tmp) / "lora0", adapter_name="lora0"
+                    load_base(model_name, dtype=dtype, device=device)[0], Path(tmp) / "lora0", adapter_name="lora0"
                 )
             else:
                 peft_model.load_adapter(Path(tmp) / f"lora{i}", adapter_name=f"lora{i}")
@@ -251,7 +259,13 @@ def summarize(records: list[dict], most: int) -> dict:
 
     auto = {r["distinct_adapters"]: r["ratio_to_base"] for r in records
             if r["system"] == "flora" and r["strategy"] == "auto" and "sweep" not in r}  # fmt: skip
-    summary = {"flora_auto_ratio_to_base": auto, "target_0.93_met": auto[most] >= 0.93}
+    fixed = {d: max((r for r in records if r["system"] == "flora" and r["strategy"] not in ("auto", None)
+                     and r["distinct_adapters"] == d and "sweep" not in r), key=lambda r: r["ratio_to_base"])
+             for d in auto}  # fmt: skip
+    summary = {"flora_auto_ratio_to_base": auto, "target_0.93_met": auto[most] >= 0.93,
+               "best_fixed_strategy": {d: (r["strategy"], r["ratio_to_base"]) for d, r in fixed.items()},
+               "auto_over_best_fixed": {d: round(auto[d] / r["ratio_to_base"], 4) for d, r in fixed.items()},
+               }  # fmt: skip
     peft = [r for r in records if r["system"] == "peft_mixed" and r["distinct_adapters"] == most]
     if peft:
         flora_tps = find(system="flora", strategy="auto", distinct_adapters=most)["tokens_per_s"]

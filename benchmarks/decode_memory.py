@@ -8,13 +8,17 @@ bare model's step in the same round (paired ratios, see ``harness``):
 
 - ``one-adapter``: every row the same adapter (`segmented`: two small products per layer group);
 - ``distinct``: every row its own adapter (`bmm` over the gathered per-row tables);
-- ``distinct, fresh routing``: the same with a new routing (of the same rows) at every step, whose
-  per-layer plans are worked out again (what the server does when rows join or leave; the kept
-  per-row tables need no rewriting here, as no row's adapter changes). The model's adapters are
-  read-only here, as in the server (`AdapterModel.adapters_read_only`);
+- ``distinct, fresh routing``: the same with a new batch (of the same rows) at every step, whose
+  per-layer plans are worked out again (the kept per-row tables need no rewriting here, as no row's
+  adapter changes);
+- ``distinct, carried routing``: a new batch at every step made to ``carry`` (what the server does
+  when rows join or leave: the layers' compiled functions of the last batch of its shape serve it).
+  The model's adapters are read-only here, as in the server (`AdapterModel.adapters_read_only`);
 - ``stream``: reading as many bytes as the distinct case's tables (a sum over a tensor that size).
 
-``base / (base + stream)`` is the ratio that reading the tables allows at best. Usage:
+``base / (base + stream)`` is the ratio that reading the tables allows at best. ``--device cuda
+--dtype bfloat16`` runs it on a GPU, ``--adapter-dtype bfloat16`` keeps the LoRA tables in bfloat16,
+``--model random:smollm2-135m`` needs no weights. Usage:
 
     python benchmarks/decode_memory.py --json benchmarks/results/decode_memory.json
 """
@@ -23,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 from pathlib import Path
 
 import torch
 from batch_generation import decode_run, routed_with
-from harness import Case, assignment, measure, randomize, token_rows, write_json
+from harness import DTYPES, Case, add_device_options, assignment, machine, measure, randomize, token_rows, write_json
 
 from flora import AdapterModel, LoraConfig, load_base
 from flora.base import CACHE_KEY
@@ -42,22 +45,25 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="one-token steps per measurement")
     parser.add_argument("--rounds", type=int, default=5)
+    add_device_options(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    base, tokenizer = load_base(args.model)
-    model = AdapterModel(load_base(args.model)[0], tokenizer)
+    base, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model = AdapterModel(load_base(args.model, dtype=DTYPES[args.dtype], device=args.device)[0], tokenizer)
     model.adapters_read_only = True  # as `flora serve` sets it
+    model.adapter_dtype = DTYPES[args.adapter_dtype] if args.adapter_dtype else None
     for i in range(args.rows):
         model.add_adapter(f"lora{i}", LoraConfig(r=args.rank, alpha=2 * args.rank))
         randomize(model.adapter_parameters(f"lora{i}"), seed=i)
-    ids = token_rows(tokenizer, args.rows, args.prompt_tokens)
+    ids = token_rows(tokenizer, args.rows, args.prompt_tokens).to(args.device)
     mask = torch.ones_like(ids)
     distinct = assignment(args.rows, args.rows, "lora")
-    adapter_bytes = sum(p.numel() * p.element_size() for p in model.adapter_parameters("lora0").values())
+    table_dtype = model.adapter_dtype or base.dtype
+    adapter_bytes = sum(p.numel() for p in model.adapter_parameters("lora0").values()) * table_dtype.itemsize
     table_bytes = args.rows * adapter_bytes
-    table = torch.ones(table_bytes // 4)
+    table = torch.ones(table_bytes // 4, device=args.device)
 
     def stream():
         for _ in range(args.steps):
@@ -70,7 +76,9 @@ def main() -> None:
         Case({"system": "distinct", "strategy": "bmm"},
              decode_run(model.base_model, routed_with(model, distinct, "bmm"), ids, mask, args.steps)),
         Case({"system": "distinct, fresh routing", "strategy": "bmm"},
-             fresh_routing_run(model, distinct, ids, mask, args.steps)),
+             fresh_routing_run(model, distinct, ids, mask, args.steps, carry=False)),
+        Case({"system": "distinct, carried routing", "strategy": "bmm"},
+             fresh_routing_run(model, distinct, ids, mask, args.steps, carry=True)),
         Case({"system": "stream", "bytes": table_bytes}, stream),
     ]  # fmt: skip
     for case in cases[:-1]:  # the stream is timed on its own
@@ -88,6 +96,7 @@ def main() -> None:
         "stream_gb_per_s": round(table_bytes / (step_ms["stream"] / 1000) / 1e9, 1),
         "ratio_allowed_by_table_traffic": round(bound, 4),
         "routing_rebuild_ms": round(step_ms["distinct, fresh routing"] - step_ms["distinct"], 2),
+        "carried_routing_ms": round(step_ms["distinct, carried routing"] - step_ms["distinct"], 2),
     }
     for record in records:
         print(f"{record['system']:26} {record['ms_per_step']:8.2f} ms/step  ratio to base {record['ratio_to_base']}")
@@ -98,13 +107,14 @@ def main() -> None:
             args.json,
             {"benchmark": "decode_memory", "model": args.model, "rows": args.rows, "rank": args.rank,
              "prompt_tokens": args.prompt_tokens, "steps": args.steps, "rounds": args.rounds,
-             "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+             "device": args.device, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype,
+             "machine": machine(args.device),
              "records": records, "summary": summary},
         )  # fmt: skip
 
 
-def fresh_routing_run(model: AdapterModel, names: list[str], ids, mask, steps: int):
-    """`decode_run` with a new routing at every step (the per-row tables gathered again)."""
+def fresh_routing_run(model: AdapterModel, names: list[str], ids, mask, steps: int, carry: bool):
+    """`decode_run` with a new batch at every step, made to ``carry`` or not (`AdapterModel.routing`)."""
     model.strategy = "bmm"
     with torch.no_grad(), model.routed(model.routing(names)):
         prefill = model.base_model(ids, attention_mask=mask, use_cache=True)
@@ -115,7 +125,7 @@ def fresh_routing_run(model: AdapterModel, names: list[str], ids, mask, steps: i
         model.strategy = "bmm"
         with torch.no_grad():
             for step in range(steps):
-                with model.routed(model.routing(names)):
+                with model.routed(model.routing(names, carry=carry)):
                     model.base_model(input_ids=token, attention_mask=full_mask[:, : ids.shape[1] + step + 1],
                                      use_cache=True, **{CACHE_KEY: cache})  # fmt: skip
         cache.crop(-steps)

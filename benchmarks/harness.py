@@ -10,6 +10,7 @@ shared machine (10-20% here) move far less than a ratio of medians taken minutes
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 from flora.io import atomic_write
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TEXT = (
     "The history of adapters in machine learning begins with small bottleneck layers inserted into "
@@ -92,8 +95,25 @@ def measure(cases: list[Case], rounds: int) -> None:
 def _timed(case: Case) -> float:
     start = time.perf_counter()
     case.run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     case.seconds.append(seconds := time.perf_counter() - start)
     return seconds
+
+
+def add_device_options(parser) -> None:
+    """``--device``, ``--dtype`` (the model's) and ``--adapter-dtype`` (LoRA's tables: `AdapterModel.adapter_dtype`)."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the model's (default: float32)")
+    parser.add_argument("--adapter-dtype", choices=tuple(DTYPES), help="LoRA's per-row tables (default: the model's)")
+
+
+def machine(device: str) -> dict:
+    """Where a run ran: threads and platform, and the GPU's name on CUDA."""
+    info = {"cpus": torch.get_num_threads(), "platform": platform.platform(), "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def write_json(path: Path, result: dict) -> None:

@@ -14,11 +14,18 @@ a workload draws each request's adapter uniform or Zipf(1.5) over 1, 8 or 64 LoR
 
 ``flora`` runs every workload, ``base`` runs once (it ignores adapters), the other systems run the
 ``--peer-workloads`` (default: 64 adapters, uniform). Each run starts with a few warm-up requests
-and is bounded by ``--deadline`` seconds. Figures per system and workload: requests/s, output
+and is bounded by ``--deadline`` seconds. One pass of 48 requests swings by 5-10 % on a shared
+machine, so every system runs ``--repeats`` times (default 2), interleaved: each repeat starts
+every server again and runs all of its systems (base, flora, ..., then the peers), and the report
+gives each figure's median and spread (min-max) over the repeats; a ratio between systems is the
+median of the ratios within each repeat. Figures per system and workload: requests/s, output
 tokens/s, p50/p99 TTFT, TPOT and end-to-end latency, finished/unfinished/errors (see
-``serve_client``); a summary checks the targets at 64 adapters, uniform. Usage:
+``serve_client``); a summary checks the targets at 64 adapters, uniform. ``--model
+random:smollm2-135m`` needs no weights; ``--device cuda --dtype bfloat16`` serves on a GPU;
+``--adapter-dtype bfloat16`` keeps flora's LoRA tables in bfloat16. Usage:
 
     python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --systems base,flora --adapters 64 --distributions uniform --rate 6 --repeats 3
     python benchmarks/serve_load.py --systems vllm --adapters 64 --distributions uniform --requests 16
 """
 
@@ -28,6 +35,7 @@ import argparse
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -135,6 +143,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--max-loaded-adapters", type=int, default=32, help="flora's LRU size; vLLM's --max-loras and --max-cpu-loras"
     )
+    parser.add_argument("--repeats", type=positive_int, default=2, help="runs of every system, interleaved")
+    parser.add_argument("--device", default="cpu", help="where flora serves (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="flora serve --dtype (default: float32)")
+    parser.add_argument("--adapter-dtype", help="flora serve --adapter-dtype (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "serve_load", help="server logs")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -185,7 +197,8 @@ def warm_up(url: str, run: Run, served_name: str) -> None:
         raise RuntimeError(f"warm-up of {run.system} failed: {failed[0]}")
 
 
-def measure(spec: ServerSpec, runs: list[Run], served_name: str, deadline_s: float, log_dir: Path, records: list):
+def measure(spec: ServerSpec, runs: list[Run], served_name: str, deadline_s: float, log_dir: Path, records: list,
+            repeat: int):  # fmt: skip
     """Start the server, then each run: warm-up, the measured requests, figures (appended to ``records``).
 
     Returns what the JSON keeps about the server.
@@ -196,40 +209,70 @@ def measure(spec: ServerSpec, runs: list[Run], served_name: str, deadline_s: flo
         for run in runs:
             warm_up(url, run, served_name)
             outcomes, start = run_load(url, run.workload.requests, run.model_of(served_name), deadline_s)
-            record = {"system": run.system, "workload": "base" if run.system == "base" else run.workload.name}
+            record = {"system": run.system, "workload": "base" if run.system == "base" else run.workload.name,
+                      "repeat": repeat}  # fmt: skip
             record |= figures(outcomes, start)
             records.append(record | {"per_request": outcome_records(outcomes, start)})
             print(row_text(record), flush=True)
             time.sleep(1.0)  # the requests cancelled at the deadline reach the server before the next run
     return {
         "name": spec.name,
+        "repeat": repeat,
         "command": list(spec.command),
         "startup_s": server.startup_s,
         "log": str(server.log_path),
     }
 
 
-def pick(records: list[dict], system: str, workload: str) -> dict | None:
-    return next((r for r in records if r["system"] == system and r["workload"] == workload), None)
+def spread(values: list[float | None]) -> dict | None:
+    """Median, min and max of a figure over repeats (``None`` where a run has none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Per system and workload, each figure's `spread` over the repeats."""
+    keys = list(dict.fromkeys((r["system"], r["workload"]) for r in records))
+    rows = []
+    for system, workload in keys:
+        runs = [r for r in records if (r["system"], r["workload"]) == (system, workload)]
+        row = {"system": system, "workload": workload, "repeats": len(runs)}
+        for key in ("finished", "unfinished", "errors"):
+            row[key] = sum(r[key] for r in runs)
+        for key in ("requests_per_s", "output_tokens_per_s"):
+            row[key] = spread([r.get(key) for r in runs])
+        for key in ("ttft_s", "tpot_s", "e2e_s"):
+            row[key] = {q: spread([(r.get(key) or {}).get(q) for r in runs]) for q in ("p50", "p99")}
+        rows.append(row)
+    return rows
+
+
+def pick(records: list[dict], system: str, workload: str) -> list[dict]:
+    """Every repeat's run of ``system`` on ``workload``."""
+    return [r for r in records if r["system"] == system and r["workload"] == workload]
 
 
 def targets(records: list[dict]) -> dict:
-    """The issue's targets at 64 adapters, uniform; a target whose systems did not run is None."""
+    """The issue's targets at 64 adapters, uniform, on medians over repeats; a ratio between systems is the
+    median of the per-repeat ratios. A target whose systems did not run is None."""
     flora = pick(records, "flora", TARGET_WORKLOAD)
     base = pick(records, "base", "base")
     others = {s: pick(records, s, TARGET_WORKLOAD) for s in PEERS}
 
-    def tokens(record: dict | None) -> float | None:
-        return record.get("output_tokens_per_s") if record else None
-
-    def ratio(goal: float, numerator: dict | None, denominator: dict | None, strict: bool = False):
-        if not tokens(numerator) or not tokens(denominator):
+    def ratio(goal: float, numerator: list[dict], denominator: list[dict], strict: bool = False):
+        pairs = [(n, d) for n in numerator for d in denominator if n["repeat"] == d["repeat"]]
+        values = [n["output_tokens_per_s"] / d["output_tokens_per_s"] for n, d in pairs
+                  if n.get("output_tokens_per_s") and d.get("output_tokens_per_s")]  # fmt: skip
+        if not values:
             return None
-        value = tokens(numerator) / tokens(denominator)
-        return {"ratio": value, "target": goal, "met": value > goal if strict else value >= goal}
+        value = statistics.median(values)
+        return {"ratio": value, "per_repeat": values, "target": goal, "met": value > goal if strict else value >= goal}
 
-    def ttft_p99(record: dict | None) -> float | None:
-        return record.get("ttft_s", {}).get("p99") if record else None
+    def ttft_p99(runs: list[dict]) -> float | None:
+        values = [r["ttft_s"]["p99"] for r in runs if r.get("ttft_s")]
+        return statistics.median(values) if values else None
 
     ttft = None
     if ttft_p99(flora) is not None and ttft_p99(others["static"]) is not None:
@@ -249,15 +292,21 @@ def seconds(value: float | None) -> str:
 
 
 def row_text(record: dict) -> str:
+    """One run's row, or (with ``repeats``) an aggregated row: ``median [min-max]``."""
+
+    def value(figure, digits: int) -> str:
+        if isinstance(figure, dict):
+            low, high = f"{figure['min']:.{digits}f}", f"{figure['max']:.{digits}f}"
+            return f"{figure['median']:.{digits}f} [{low}-{high}]"
+        return "-" if figure is None else f"{figure:.{digits}f}"
+
     def pair(key):
         figures = record.get(key) or {}
-        return f"{seconds(figures.get('p50'))} / {seconds(figures.get('p99'))}"
+        return f"{value(figures.get('p50'), 2)} / {value(figures.get('p99'), 2)}"
 
     counts = f"{record['finished']}/{record['unfinished']}/{record['errors']}"
-    rate = record.get("requests_per_s")
-    tokens = record.get("output_tokens_per_s")
-    cells = [record["system"], record["workload"], counts, "-" if rate is None else f"{rate:.2f}"]
-    cells += ["-" if tokens is None else f"{tokens:.1f}", pair("ttft_s"), pair("tpot_s"), pair("e2e_s")]
+    cells = [record["system"], record["workload"], counts, value(record.get("requests_per_s"), 2)]
+    cells += [value(record.get("output_tokens_per_s"), 1), pair("ttft_s"), pair("tpot_s"), pair("e2e_s")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -280,13 +329,16 @@ def server_spec(server: str, args: argparse.Namespace, adapters: dict[str, Path]
         return vllm_server(resolve_model_dir(args.model), adapters, args.model, args.rank, args.max_num_seqs,
                            args.max_loaded_adapters)  # fmt: skip
     adapter_dir = next(iter(adapters.values())).parent
-    return flora_server(args.model, adapter_dir, args.model, server, args.max_num_seqs, args.max_loaded_adapters)
+    spec = flora_server(args.model, adapter_dir, args.model, server, args.max_num_seqs, args.max_loaded_adapters)
+    options = ("--device", args.device, "--dtype", args.dtype)  # the last --dtype counts
+    options += ("--adapter-dtype", args.adapter_dtype) if args.adapter_dtype else ()
+    return replace(spec, command=(*spec.command, *options))
 
 
-def print_report(records: list[dict], summary: dict) -> None:
+def print_report(rows: list[dict], summary: dict) -> None:
     print("\n" + TABLE_HEADER)
-    for record in records:
-        print(row_text(record))
+    for row in rows:
+        print(row_text(row))
     print(f"\ntargets at {summary['workload']}:")
     for name, value in summary.items():
         if name != "workload":
@@ -296,7 +348,7 @@ def print_report(records: list[dict], summary: dict) -> None:
 def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the servers on SIGTERM too
-    began = time.perf_counter()
+    began, load_before = time.perf_counter(), os.getloadavg()  # what else ran: the load average before and after
     _, tokenizer = load_base(args.model)
     adapters = adapter_set(args.model, max(args.adapters), args.rank, seed=args.seed)
     requests = draw_requests(tokenizer, args.requests, args.rate, args.prompt_tokens, args.output_tokens, args.seed)
@@ -316,21 +368,26 @@ def main() -> None:
         del groups["vllm"]
 
     servers, records, failed = [], [], {}
-    for server, runs in groups.items():
-        spec = server_spec(server, args, adapters)
-        try:
-            servers.append(measure(spec, runs, args.model, args.deadline, args.log_dir, records))
-        except (RuntimeError, TimeoutError, OSError) as error:  # one server's failure keeps the others' figures
-            failed[spec.name] = str(error)
-            print(f"FAILED {spec.name}: {error}", flush=True)
+    for repeat in range(args.repeats):  # every server, every repeat: systems interleaved
+        for server, runs in groups.items():
+            spec = server_spec(server, args, adapters)
+            if spec.name in failed:
+                continue
+            try:
+                servers.append(measure(spec, runs, args.model, args.deadline, args.log_dir, records, repeat))
+            except (RuntimeError, TimeoutError, OSError) as error:  # one server's failure keeps the others' figures
+                failed[spec.name] = str(error)
+                print(f"FAILED {spec.name}: {error}", flush=True)
     summary = targets(records)
-    print_report(records, summary)
+    rows = aggregate(records)
+    print_report(rows, summary)
     total = time.perf_counter() - began
     print(f"total {total:.0f} s")
     if args.json:
         settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
         adapter_dir = str(next(iter(adapters.values())).parent)
-        machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+        machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                   "load_average_before": load_before, "load_average_after": os.getloadavg()}  # fmt: skip
         write_json(
             args.json,
             {
@@ -343,6 +400,7 @@ def main() -> None:
                 "failed": failed,
                 "servers": servers,
                 "total_s": total,
+                "summary": rows,
                 "records": records,
                 "targets": summary,
             },

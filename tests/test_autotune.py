@@ -31,6 +31,19 @@ def test_picks_the_fastest_and_measures_once_per_key():
     assert calls == {"slow": 3, "fast": 3}
 
 
+def test_each_timed_call_finds_the_caches_cold(monkeypatch):
+    """A layer timed alone would find its tables in cache, where in a forward the other layers have pushed
+    them out: every timed call comes right after a read of the flush buffer (not the warm-up calls)."""
+    events = []
+    tuner = Autotuner(repeats=2, flush_bytes=4096)
+    cold = tuner._cold
+    monkeypatch.setattr(tuner, "_cold", lambda device: events.append("cold") or cold(device))
+    candidates = {name: (lambda name=name: events.append(name) or torch.zeros(1)) for name in ("a", "b")}
+    tuner.pick("k", candidates)
+    assert events == ["a", "b", *(["cold", "a", "cold", "b"] * 2)]
+    assert tuner._flush[torch.device("cpu")].numel() * 4 == 4096
+
+
 def test_token_bucket():
     assert [token_bucket(n) for n in (1, 2, 3, 32, 33)] == [1, 2, 4, 32, 64]
 

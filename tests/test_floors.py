@@ -11,9 +11,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-# Extras whose bounds are not floors the tests were run at: the tools (dev) and Ray (its tests are not
+# Extras whose bounds are not floors the tests were run at: the tools (dev, test) and Ray (its tests are not
 # run at an old release).
-UNPINNED_EXTRAS = ("dev", "ray")
+UNPINNED_EXTRAS = ("dev", "test", "ray")
 
 
 def _lower_bounds() -> dict[str, Version]:

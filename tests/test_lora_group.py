@@ -327,3 +327,27 @@ def test_adapters_added_to_a_model_in_eval_mode_apply_no_dropout():
     model.train()
     with torch.no_grad():
         assert not torch.equal(model(ids, adapter_names=["d", "d"]).logits, first)  # training: dropout
+
+
+def test_bfloat16_tables_change_only_the_adapted_rows_by_bfloat16_rounding():
+    """`AdapterModel.adapter_dtype` bfloat16 (``flora serve --adapter-dtype``): the per-row tables hold each
+    adapter's factors in bfloat16 and its delta is computed in bfloat16, the base path stays float32: a
+    row without an adapter is unchanged, an adapted row moves by bfloat16's rounding of its adapter's
+    effect (not more), and float32 tables again give the float32 logits exactly."""
+    model = _model().eval()
+    model.strategy = "bmm"
+    ids = torch.randint(1, VOCAB, (4, 7), generator=torch.Generator().manual_seed(3))
+    names = ["r4", "r2", "r6", None]
+    with torch.no_grad():
+        full = model(ids, adapter_names=names).logits
+        base = model.base_model(ids).logits
+        model.adapter_dtype = torch.bfloat16
+        half = model(ids, adapter_names=names).logits
+        model.adapter_dtype = None
+        again = model(ids, adapter_names=names).logits
+    assert torch.equal(half[3], full[3]) and torch.equal(again, full)
+    for row in range(3):
+        effect, moved = (full[row] - base[row]).abs().max(), (half[row] - full[row]).abs().max()
+        assert 0 < moved <= 0.05 * effect, (row, float(moved), float(effect))
+    with pytest.raises(ValueError, match="torch.int8"):
+        model.adapter_dtype = torch.int8

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from data.tiny import tiny_llama
 from openai import OpenAI
 
@@ -92,7 +93,7 @@ def test_a_name_given_by_adapter_and_lora_modules_is_refused(adapter_dir):
 
 
 @pytest.mark.parametrize("flag", [["--gpu-memory-utilization", "0.9"], ["--tensor-parallel-size", "2"],
-                                  ["--enforce-eager"], ["--lora-dtype", "auto"]])  # fmt: skip
+                                  ["--enforce-eager"], ["--kv-cache-dtype", "fp8"]])  # fmt: skip
 def test_other_vllm_flags_are_refused(flag, capsys):
     with pytest.raises(SystemExit) as raised:
         build_parser("serve").parse_args(["serve", *flag])
@@ -120,6 +121,7 @@ def test_the_api_key_and_the_runtime_switch_from_flags_and_the_environment():
         ({"max_loras": 65}, "--max-loras 65 is more than --max-cpu-loras (--max-loaded-adapters) 64"),
         ({"api_key": ""}, "--api-key: the key is empty"),
         ({"dtype": "fp8"}, "--dtype 'fp8'"),
+        ({"adapter_dtype": "int8"}, "--adapter-dtype 'int8': expected one of float32, bfloat16, float16"),
     ],
 )
 def test_settings_out_of_range_are_refused(settings, words):
@@ -143,6 +145,20 @@ def test_a_server_started_from_a_vllm_command_line(tokenizer, reference, adapter
         assert (live.state.registry.max_loaded, live.state.registry.max_rank) == (8, 16)
         assert live.state.engine.limits.max_loras == 4
         assert live.metric("flora:lora_requests_info", max_lora="4") > 0
+    finally:
+        live.stop()
+
+
+def test_adapter_dtype_sets_the_tables_of_the_served_model(tokenizer):
+    """``--adapter-dtype bfloat16``: the served model's LoRA tables in bfloat16 (`AdapterModel.adapter_dtype`)."""
+    settings = _settings(["--model", "tiny", "--adapter-dtype", "bfloat16", "--max-model-len", "128"])
+    assert settings.adapter_dtype == "bfloat16"
+    assert _settings(["--lora-dtype", "bfloat16"]).adapter_dtype == "bfloat16"  # vLLM's name
+    assert _settings(["--lora-dtype", "auto"]).adapter_dtype is None  # the model's
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "model"}
+    live = LiveServer(AdapterModel(tiny_llama(tokenizer), tokenizer), **fields)
+    try:
+        assert live.state.engine.model.adapter_dtype is torch.bfloat16
     finally:
         live.stop()
 

@@ -15,9 +15,10 @@ from flora.study.plan import Trial, plan_trials
 from flora.study.store import StudyStore
 
 # Settings that make a smoke study on the tiny model take seconds: float64 (no near-ties in greedy
-# decoding), one pinned strategy, a short generation budget (a random model never stops by itself).
+# decoding), one pinned strategy, a short generation budget (a random model never stops by itself),
+# the validation loss at 4 points (and step 0).
 FAST = ["--set", "model.dtype=float64", "--set", "model.strategy=bmm", "--set", "evaluation.max_new_tokens=3",
-        "--no-progress"]  # fmt: skip
+        "--set", "evaluation.evaluations=4", "--no-progress"]  # fmt: skip
 
 
 def smoke_args(tiny_dir: str, out: Path, *extra: str) -> list[str]:

@@ -75,6 +75,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64", "auto", "half", "float"),
                    default="float32", help="auto: the checkpoint's; half: float16 (default: float32)")  # fmt: skip
     e.add_argument("--device", default="cpu", help="(default: cpu)")
+    e.add_argument("--adapter-dtype", "--lora-dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="LoRA's per-row tables in this dtype (half the bytes a decoding step reads in bfloat16); "
+                        "auto: the model's (default)")  # fmt: skip
     e.add_argument("--strategy", default="auto", help="per-row adapter strategy of flora.AdapterModel (default: auto)")
     r = p.add_argument_group("replicas on Ray Serve (flora[ray]; docs/serving.md)")
     r.add_argument("--replicas", type=int, default=1,
@@ -148,6 +151,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os
         max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
         max_loaded_adapters=args.max_loaded_adapters,
         adapter_memory_mb=args.adapter_memory_mb, batching=args.batching, dtype=args.dtype, device=args.device,
+        adapter_dtype=None if args.adapter_dtype in (None, "auto") else args.adapter_dtype,
         strategy=args.strategy, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, api_key=api_key,
         enable_runtime_lora_updating=args.enable_runtime_lora_updating or runtime,
         allowed_adapter_paths=args.allowed_adapter_paths, metrics_prefix=args.metrics_prefix,

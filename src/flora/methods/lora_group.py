@@ -166,18 +166,16 @@ class LoraGroup:
     def _bmm_kernel(self, members: Members) -> Kernel:
         """`lowrank_bmm` over the model's per-row tables (`flora.methods.slot_tables`) for the batch's rows;
         under autograd, the rows' factors stacked afresh."""
-        runtime = members.banks[0].runtime
-        ranks = PerBatch(members.ranks)
+        runtime, like = members.banks[0].runtime, next(iter(members.banks[0].lora_A.values()))
+        dtype, device, ids = runtime.adapter_dtype or like.dtype, like.device, tuple(map(id, members.banks))
+        keys = PerBatch(lambda batch: (ids, members.ranks(batch), dtype, device))  # the tables' layout
 
         def kernel(batch: AdapterBatch, x: Tensor) -> list[Tensor]:
             if torch.is_grad_enabled():
-                a_rows, b_rows = self._stacked_rows(members, ranks(batch), batch)
-                return lowrank_bmm(x, a_rows, b_rows)
-            tables = runtime.tables[0] if x.shape[1] == 1 else runtime.tables[1]
-            like = next(iter(members.banks[0].lora_A.values()))
-            dtype = runtime.adapter_dtype or like.dtype
-            a_rows, b_rows = tables.views(batch.names, members, ranks(batch), dtype, like.device, runtime.read_only)
-            if dtype == x.dtype:
+                return lowrank_bmm(x, *self._stacked_rows(members, keys(batch)[1], batch))
+            tables = runtime.tables[x.shape[1] != 1]  # one-token rows, or prompts
+            a_rows, b_rows = tables.views(batch.names, keys(batch), members, runtime.read_only)
+            if dtype is x.dtype:
                 return lowrank_bmm(x, a_rows, b_rows)
             return [delta.to(x.dtype) for delta in lowrank_bmm(x.to(dtype), a_rows, b_rows)]
 

@@ -27,7 +27,6 @@ bytes a decoding step reads).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Protocol
 
 import torch
@@ -36,6 +35,8 @@ from torch import Tensor
 SLOT_STEP = 8
 
 MemberFactors = tuple[Tensor, Tensor, float]  # one member's ``A [r, in]``, ``B [out, r]`` and scaling ``s``
+# A group's tables' layout: its members (by id), their ranks in the batch, the tables' dtype and device.
+TableKey = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
 Views = tuple[Tensor, list[tuple[int, int, Tensor]]]  # `lowrank_bmm`'s ``a_rows`` and ``b_rows``
 
 _UNWRITTEN = object()
@@ -120,7 +121,7 @@ class SlotTables:
     batches that wrote."""
 
     def __init__(self) -> None:
-        self.groups: dict[Hashable, GroupTables] = {}
+        self.groups: dict[TableKey, GroupTables] = {}
         self.slots = 0
         self.names: list[object] = []
         self.versions: list[tuple | None] = []
@@ -131,16 +132,14 @@ class SlotTables:
         """Adapter ``name`` was replaced or removed: its slots are written again when next used."""
         self.names = [_UNWRITTEN if kept == name else kept for kept in self.names]
 
-    def views(self, names: tuple[str | None, ...], source: TableSource, ranks: tuple[int, ...],
-              dtype: torch.dtype, device: torch.device, read_only: bool) -> Views:  # fmt: skip
-        """The tables of group ``source`` (its members' ranks ``ranks``) for rows ``names`` (a batch's:
-        rows are written when a new tuple of names comes)."""
+    def views(self, names: tuple[str | None, ...], key: TableKey, source: TableSource, read_only: bool) -> Views:
+        """The tables of group ``source`` in layout ``key`` for rows ``names`` (a batch's: rows are written
+        when a new tuple of names comes)."""
         if self.owner is not names:
             self._write(names, read_only)
-        key = (source, ranks, dtype, device)
         group = self.groups.get(key)
         if group is None:
-            group = self._add(key, names)
+            group = self._add(key, source, names)
         group.used = self.count
         return group.views(len(names))
 
@@ -170,11 +169,10 @@ class SlotTables:
                 group.collect(r, names[r], writes)
         writes.run()
 
-    def _add(self, key: tuple, names: tuple[str | None, ...]) -> GroupTables:
+    def _add(self, key: TableKey, source: TableSource, names: tuple[str | None, ...]) -> GroupTables:
         """A group's new tables, written for every row of ``names``; the slots past them are written again
         in every group when next used (this group's hold nothing yet)."""
-        source, ranks, dtype, device = key
-        group = GroupTables(self.slots, source, ranks, dtype, device)
+        group = GroupTables(self.slots, source, *key[1:])
         writes = SlotWrites()
         for r, name in enumerate(names):
             group.collect(r, name, writes)

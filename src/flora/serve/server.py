@@ -27,6 +27,7 @@ logger = logging.getLogger("flora.serve")
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "half": torch.float16, "float64": torch.float64, "auto": "auto"}  # fmt: skip
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ServeSettings:
     batching: str = "continuous"
     dtype: str = "float32"
     device: str = "cpu"
+    adapter_dtype: str | None = None
     strategy: str = "auto"
     max_loras: int | None = None
     max_lora_rank: int | None = None
@@ -69,6 +71,8 @@ class ServeSettings:
             raise ValueError(f"--batching {self.batching!r}: expected one of {', '.join(BATCHING)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"--adapter-dtype {self.adapter_dtype!r}: expected one of {', '.join(ADAPTER_DTYPES)}")
         if len(self.adapters) > self.max_loaded_adapters:
             raise ValueError(f"{len(self.adapters)} --adapter given but --max-loaded-adapters is "
                              f"{self.max_loaded_adapters}: pinned adapters must fit")  # fmt: skip
@@ -93,6 +97,8 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
         raise ValueError("the server needs the model's tokenizer (AdapterModel(..., tokenizer=...))")
     model.eval()
     model.adapters_read_only = True  # the registry installs and deletes adapters, never writes them in place
+    if settings.adapter_dtype is not None:
+        model.adapter_dtype = ADAPTER_DTYPES[settings.adapter_dtype]
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = settings.max_model_len or context
     if max_model_len > context:
