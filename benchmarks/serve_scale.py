@@ -24,9 +24,10 @@ Per run: output tokens/s, p50/p99 TTFT, TPOT and end-to-end latency, for all req
 cold-adapter requests apart (flora says per response whether it loaded the adapter,
 ``x-flora-adapter-cache``; for vLLM, cold is an adapter's first request in the trace), adapter loads,
 hits and evictions (``/metrics``), errors, and the peak resident memory of the server's processes
-(sampled every 0.2 s). Usage:
+(sampled every 0.2 s). ``--repeats N`` runs flora's power-law counts N times, interleaved, and the
+targets read the medians. Usage:
 
-    python benchmarks/serve_scale.py --json benchmarks/results/serve_scale.json
+    cd benchmarks && python serve_scale.py --json results/serve_scale.json --figure results/serve_scale.png
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -71,9 +73,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adapter-memory-mb", type=positive_float, default=1024.0)
     parser.add_argument("--max-loaded-adapters", type=positive_int, default=2000)
     parser.add_argument("--max-num-seqs", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="runs of flora's power-law counts, interleaved (8, 100, ..., 8, 100, ...)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "serve_scale")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--figure", type=Path, help="draw output tokens/s against the number of adapters here (PNG)")
     return parser.parse_args()
 
 
@@ -196,9 +201,41 @@ def run(spec: ServerSpec, workload: Workload, args, log_name: str) -> dict:
     return result
 
 
+def medians(runs: list[dict]) -> dict:
+    """One run of a system and workload standing for its repeats: the median of output tokens/s and of the
+    p99 TTFTs (all, warm, cold), the largest peak memory, every repeat's adapter counters and errors added."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    merged = dict(
+        runs[-1],
+        repeats=len(runs),
+        output_tokens_per_s=median([r.get("output_tokens_per_s") for r in runs]),
+        peak_resident_mb=max(r["peak_resident_mb"] for r in runs),
+        errors=sum(r["errors"] for r in runs),
+    )
+    for key in ("ttft_s", "warm_ttft_s", "cold_ttft_s"):
+        merged[key] = dict(runs[-1][key], p99=median([r[key]["p99"] for r in runs]))
+    merged["output_tokens_per_s_runs"] = [r.get("output_tokens_per_s") for r in runs]
+    return merged
+
+
+def by_workload(runs: list[dict], system: str) -> dict[tuple[int, str], dict]:
+    """``{(adapters, distribution): medians of the repeats}`` of ``system``'s runs."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in runs:
+        if r["system"] == system:
+            groups.setdefault((r["adapters"], r["distribution"]), []).append(r)
+    return {key: medians(group) for key, group in groups.items()}
+
+
 def summary(runs: list[dict], args) -> dict:
-    """The issue's targets, from the runs."""
-    flora = {(r["adapters"], r["distribution"]): r for r in runs if r["system"] == "flora"}
+    """The issue's targets, from the runs (medians over repeats)."""
+    flora = by_workload(runs, "flora")
     smallest, largest = min(args.adapters), max(args.adapters)
     checks = {}
     low, high = flora.get((smallest, "zipf")), flora.get((largest, "zipf"))
@@ -250,7 +287,8 @@ def main() -> None:
 
     plan = []
     if "flora" in args.systems:
-        plan += [(flora_spec(args, adapter_dir), workload(n, "zipf")) for n in sorted(args.adapters)]
+        for _ in range(args.repeats):
+            plan += [(flora_spec(args, adapter_dir), workload(n, "zipf")) for n in sorted(args.adapters)]
         plan.append((flora_spec(args, adapter_dir), workload(max(args.adapters), "uniform")))
     if "vllm" in args.systems:
         if vllm_available():
@@ -272,6 +310,8 @@ def main() -> None:
             runs.append({"system": spec.name, "adapters": chosen.adapters, "distribution": chosen.distribution,
                          "error": str(err)[:2000]})  # fmt: skip
     checks = summary([r for r in runs if "error" not in r], args)
+    if args.figure:
+        draw(runs, args.figure)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     for name, check in checks.items():
         print(f"{name}: {check}")
@@ -282,6 +322,42 @@ def main() -> None:
             "ranks": RANKS, "targets": TARGETS, "power_law_alpha": POWER_LAW, "seconds": round(time.time() - started),
             "summary": checks, "runs": runs,
         })  # fmt: skip
+
+
+def draw(runs: list[dict], path: Path) -> None:
+    """Output tokens/s against the number of adapters (log scale), power law: flora's median with its
+    repeats' range, vLLM's runs, the 0.95x line under flora's smallest count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for system, style in (("flora", "o-"), ("vllm", "s--")):
+        groups: dict[int, list[float]] = {}
+        for r in runs:
+            if r["system"] == system and r.get("distribution") == "zipf" and r.get("output_tokens_per_s"):
+                groups.setdefault(r["adapters"], []).append(r["output_tokens_per_s"])
+        if not groups:
+            continue
+        counts = sorted(groups)
+        middle = [statistics.median(groups[n]) for n in counts]
+        low = [m - min(groups[n]) for m, n in zip(middle, counts, strict=True)]
+        high = [max(groups[n]) - m for m, n in zip(middle, counts, strict=True)]
+        axes.errorbar(counts, middle, yerr=[low, high], fmt=style, capsize=3,
+                      label="flora serve (one process)" if system == "flora" else "vLLM CPU")  # fmt: skip
+        if system == "flora":
+            axes.axhline(0.95 * middle[0], color="grey", linestyle=":", label=f"0.95x at {counts[0]} adapters")
+    axes.set_xscale("log")
+    axes.set_xlabel("adapters (power law, alpha 1)")
+    axes.set_ylabel("output tokens/s")
+    axes.set_ylim(bottom=0)
+    axes.legend()
+    axes.set_title("Serving many LoRA adapters on 2 CPU cores (SmolLM2-135M)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
