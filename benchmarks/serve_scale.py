@@ -311,7 +311,7 @@ def main() -> None:
                          "error": str(err)[:2000]})  # fmt: skip
     checks = summary([r for r in runs if "error" not in r], args)
     if args.figure:
-        draw(runs, args.figure)
+        draw(runs, args.model, args.figure)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     for name, check in checks.items():
         print(f"{name}: {check}")
@@ -324,7 +324,7 @@ def main() -> None:
         })  # fmt: skip
 
 
-def draw(runs: list[dict], path: Path) -> None:
+def draw(runs: list[dict], model: str, path: Path) -> None:
     """Output tokens/s against the number of adapters (log scale), power law: flora's median with its
     repeats' range, vLLM's runs, the 0.95x line under flora's smallest count."""
     import matplotlib
@@ -349,11 +349,14 @@ def draw(runs: list[dict], path: Path) -> None:
         if system == "flora":
             axes.axhline(0.95 * middle[0], color="grey", linestyle=":", label=f"0.95x at {counts[0]} adapters")
     axes.set_xscale("log")
+    counts = sorted({r["adapters"] for r in runs if r.get("distribution") == "zipf"})
+    axes.set_xticks(counts, [str(n) for n in counts])
+    axes.minorticks_off()
     axes.set_xlabel("adapters (power law, alpha 1)")
     axes.set_ylabel("output tokens/s")
     axes.set_ylim(bottom=0)
     axes.legend()
-    axes.set_title("Serving many LoRA adapters on 2 CPU cores (SmolLM2-135M)")
+    axes.set_title(f"Serving many LoRA adapters on {os.cpu_count()} CPU cores ({model})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
