@@ -99,12 +99,18 @@ def main() -> None:
     for task, metric in (("reverse_mc", "acc,none"), ("reverse_gen", "exact_match,none")):
         scores[task] = {"flora serve": served["results"][task][metric], "hf + peft": local["results"][task][metric]}
     pairs = zip(served["samples"]["reverse_mc"], local["samples"]["reverse_mc"], strict=True)
-    differences = [abs(a[0][0] - b[0][0]) for x, y in pairs for a, b in zip(x["resps"], y["resps"], strict=True)]
+    choices = [{"doc": x["doc_id"], "choice": i, "flora serve": a[0][0], "hf + peft": b[0][0],
+                "difference": abs(a[0][0] - b[0][0])}
+               for x, y in pairs for i, (a, b) in enumerate(zip(x["resps"], y["resps"], strict=True))]  # fmt: skip
+    differences = sorted(c["difference"] for c in choices)
     generations = [[s["resps"][0][0] for s in r["samples"]["reverse_gen"]] for r in (served, local)]
     result = {
         "benchmark": "lm_eval_parity", "model": args.model, "adapter": name, "instances": args.instances,
         "platform": platform.platform(), "scores": scores,
-        "max_abs_loglikelihood_difference": max(differences),
+        "max_abs_loglikelihood_difference": differences[-1],
+        "median_abs_loglikelihood_difference": differences[len(differences) // 2],
+        "choices_within_1e-4": sum(d <= 1e-4 for d in differences), "choices": len(differences),
+        "largest_differences": sorted(choices, key=lambda c: -c["difference"])[:5],
         "same_generations": sum(a == b for a, b in zip(*generations, strict=True)), "generations": len(generations[0]),
         "seconds": {"flora serve": round(served_s, 1), "hf + peft": round(local_s, 1)},
     }  # fmt: skip

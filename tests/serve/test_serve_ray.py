@@ -379,9 +379,8 @@ def test_sigterm_stops_the_application_and_its_ray_instance(app):
 
 def _refused(argv: list[str], capsys) -> str:
     assert main(["serve", *argv]) == 2
-    import ray
-
-    assert not ray.is_initialized()
+    ray = sys.modules.get("ray")  # not imported at all where flora[ray] is not installed
+    assert ray is None or not ray.is_initialized()
     return capsys.readouterr().err
 
 
@@ -390,6 +389,7 @@ def test_zero_replicas_is_refused(capsys):
 
 
 def test_an_unreachable_ray_address_is_refused_at_once(tiny_dir, capsys):
+    pytest.importorskip("ray")
     port = _free_port()  # nothing listens there
     err = _refused(["--model", tiny_dir, "--replicas", "2", "--ray-address", f"127.0.0.1:{port}"], capsys)
     assert f"--ray-address '127.0.0.1:{port}': no Ray cluster answers there" in err
@@ -404,6 +404,7 @@ def test_a_missing_adapter_dir_is_refused_before_ray_starts(tiny_dir, tmp_path, 
 
 
 def test_routing_and_autoscaling_are_checked(tiny_dir, capsys):
+    pytest.importorskip("ray")  # Ray Serve's own checks of the autoscaling config
     with pytest.raises(SystemExit):
         main(["serve", "--routing", "sticky"])
     assert "invalid choice: 'sticky'" in capsys.readouterr().err
