@@ -10,17 +10,20 @@
 #   serve_load.py        flora serve in bfloat16: base and flora, 64 adapters, uniform, at capacity
 #
 # Each writes JSON to $OUT_DIR (default benchmarks/results/gpu/<the GPU's name>/), beside machine.json
-# (the GPU, torch, CUDA, the commit). About 6 minutes on one H100. Usage:
+# (the GPU, torch, CUDA, the commit), in this order of importance: decode_memory in bfloat16,
+# batch_generation, serve_load, then the other decode_memory runs. The whole run stays within BUDGET
+# seconds (470: under 8 minutes); a benchmark gets what is left of it, at most STEP_TIMEOUT. Usage:
 #
 #   bash benchmarks/gpu.sh
 #   DEVICE=cpu QUICK=1 MODEL=random:tiny LARGE_MODEL=random:tiny bash benchmarks/gpu.sh   # the same commands on a CPU
 #
 # Settings (environment): DEVICE (cuda), MODEL (random:smollm2-135m), LARGE_MODEL (random:llama-1b),
-# DTYPE (bfloat16), OUT_DIR, PYTHON (.venv/bin/python where there is one, else python3), STEP_TIMEOUT
-# (seconds a benchmark may take, 300), QUICK=1 (the smallest sizes: a check of the commands, not a
-# measurement). A benchmark that fails or runs out of time is named at the end and the script exits 1;
-# the others still run. serve_load needs flora's serve extra (fastapi, uvicorn): without it, it is
-# skipped, saying so.
+# DTYPE (bfloat16), OUT_DIR, PYTHON (.venv/bin/python where there is one, else python3), BUDGET (470),
+# STEP_TIMEOUT (240), QUICK=1 (the smallest sizes: a check of the commands, not a measurement). A
+# benchmark that fails, runs out of time or finds no time left is named at the end and the script exits
+# 1; the others still run. Python needs torch, transformers, safetensors, accelerate, tqdm and peft
+# (batch_generation imports it); serve_load also fastapi, uvicorn and httpx (flora[serve]): without
+# them it is skipped, saying so. No weights: random:NAME writes its config and tokenizer on first use.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +31,8 @@ DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-random:smollm2-135m}
 LARGE_MODEL=${LARGE_MODEL:-random:llama-1b}
 DTYPE=${DTYPE:-bfloat16}
-STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+BUDGET=${BUDGET:-470}
+STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -75,38 +79,44 @@ write_json(Path(sys.argv[1]), {**machine(sys.argv[2]), "torch": torch.__version_
 EOF
 
 failed=() skipped=()
-bench() {  # bench NAME SCRIPT ARGS...: one benchmark, at most STEP_TIMEOUT seconds, its JSON at $OUT_DIR/NAME.json
-  local name=$1 script=$2 start=$SECONDS status
+bench() {  # bench NAME SCRIPT ARGS...: one benchmark within what is left of BUDGET, its JSON at $OUT_DIR/NAME.json
+  local name=$1 script=$2 start=$SECONDS limit=$((BUDGET - SECONDS)) status
   shift 2
-  echo "== $name: $script $*"
-  timeout "$STEP_TIMEOUT" "$PYTHON" "benchmarks/$script" "$@" --json "$OUT_DIR/$name.json"
+  ((limit > STEP_TIMEOUT)) && limit=$STEP_TIMEOUT
+  if ((limit < 20)); then
+    echo "== $name: NOT RUN: ${SECONDS} s of BUDGET=$BUDGET s spent" >&2
+    failed+=("$name")
+    return
+  fi
+  echo "== $name (at most $limit s): $script $*"
+  timeout "$limit" "$PYTHON" "benchmarks/$script" "$@" --json "$OUT_DIR/$name.json"
   status=$?
   if ((status == 0)); then
     echo "== $name: done in $((SECONDS - start)) s"
   else
-    echo "== $name: FAILED (exit $status$( ((status == 124)) && echo ": over STEP_TIMEOUT=$STEP_TIMEOUT s")) after $((SECONDS - start)) s" >&2
+    echo "== $name: FAILED (exit $status$( ((status == 124)) && echo ": out of time")) after $((SECONDS - start)) s" >&2
     failed+=("$name")
   fi
 }
 
 ON=(--device "$DEVICE")
-bench "batch_generation_$DTYPE" batch_generation.py --model "$MODEL" "${ON[@]}" --dtype "$DTYPE" --skip-peft "${GENERATION[@]}"
 bench "decode_memory_$DTYPE" decode_memory.py --model "$MODEL" "${ON[@]}" --dtype "$DTYPE" "${DECODE[@]}"
-bench "decode_memory_${DTYPE}_${WIDE_ROWS}rows" decode_memory.py --model "$MODEL" "${ON[@]}" --dtype "$DTYPE" \
-  "${DECODE[@]}" --rows "$WIDE_ROWS"
-bench decode_memory_float16 decode_memory.py --model "$MODEL" "${ON[@]}" --dtype float16 "${DECODE[@]}"
-bench "decode_memory_${LARGE_MODEL#random:}_$DTYPE" decode_memory.py --model "$LARGE_MODEL" "${ON[@]}" --dtype "$DTYPE" \
-  "${DECODE[@]}"
-bench decode_memory_float32 decode_memory.py --model "$MODEL" "${ON[@]}" --dtype float32 "${DECODE[@]}"
-bench decode_memory_float32_bfloat16_tables decode_memory.py --model "$MODEL" "${ON[@]}" --dtype float32 \
-  --adapter-dtype bfloat16 "${DECODE[@]}"
-if "$PYTHON" -c 'import fastapi, uvicorn' 2>/dev/null; then
+bench "batch_generation_$DTYPE" batch_generation.py --model "$MODEL" "${ON[@]}" --dtype "$DTYPE" --skip-peft "${GENERATION[@]}"
+if "$PYTHON" -c 'import fastapi, uvicorn, httpx' 2>/dev/null; then
   bench "serve_load_$DTYPE" serve_load.py --model "$MODEL" "${ON[@]}" --dtype "$DTYPE" --systems base,flora \
     --distributions uniform "${LOAD[@]}"
 else
-  echo "== serve_load: skipped: $PYTHON lacks fastapi or uvicorn (flora's serve extra)" >&2
+  echo "== serve_load: skipped: $PYTHON lacks fastapi, uvicorn or httpx (flora's serve extra)" >&2
   skipped+=(serve_load)
 fi
+bench "decode_memory_${DTYPE}_${WIDE_ROWS}rows" decode_memory.py --model "$MODEL" "${ON[@]}" --dtype "$DTYPE" \
+  "${DECODE[@]}" --rows "$WIDE_ROWS"
+bench "decode_memory_${LARGE_MODEL#random:}_$DTYPE" decode_memory.py --model "$LARGE_MODEL" "${ON[@]}" --dtype "$DTYPE" \
+  "${DECODE[@]}"
+bench decode_memory_float16 decode_memory.py --model "$MODEL" "${ON[@]}" --dtype float16 "${DECODE[@]}"
+bench decode_memory_float32 decode_memory.py --model "$MODEL" "${ON[@]}" --dtype float32 "${DECODE[@]}"
+bench decode_memory_float32_bfloat16_tables decode_memory.py --model "$MODEL" "${ON[@]}" --dtype float32 \
+  --adapter-dtype bfloat16 "${DECODE[@]}"
 
 echo "== results in $OUT_DIR (GPU: $NAME), $SECONDS s in all"
 ((${#skipped[@]})) && echo "== skipped: ${skipped[*]}"
