@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from transformers import LogitsProcessor
 
@@ -140,6 +141,23 @@ def test_echo_with_no_new_tokens_scores_the_prompt(client, tokenizer, reference,
         assert values[0] is None and choice.logprobs.top_logprobs[0] is None and len(values) == len(prompt)
         for position in range(1, len(prompt)):
             assert abs(values[position] - expected[position - 1, prompt[position]].item()) < 1e-4, (model, position)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_token_that_ends_a_completion_has_its_logprob_but_no_text(client, tokenizer, reference, stream):
+    """As vLLM: end of sequence ends the text but its log probability is reported, last; lm-eval's echo scoring
+    (``max_tokens`` 1) drops the last log probability it gets, which must be the generated token's."""
+    prompt = tokenizer(PROMPT).input_ids
+    eos = tokenizer.eos_token_id
+    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, echo=True, logprobs=1, temperature=0,
+                                      logit_bias={str(eos): 100}, stream=stream)  # fmt: skip
+    choices = [c.choices[0] for c in reply] if stream else [reply.choices[0]]
+    values = [v for c in choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert "".join(c.text for c in choices) == PROMPT and choices[-1].finish_reason == "stop"
+    assert len(values) == len(prompt) + 1  # the prompt's, then the end of sequence's
+    expected = reference.logprobs(None, None, prompt)
+    assert abs(values[-2] - expected[-2, prompt[-1]].item()) < 1e-4  # the prompt's last token stays in place
+    assert abs(values[-1] - expected[-1, eos].item()) < 1e-4  # the model's own, before the bias
 
 
 def test_echo_puts_the_prompt_in_front_of_the_completion_streamed_or_not(client):

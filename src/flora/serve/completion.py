@@ -62,6 +62,7 @@ class ChoiceText:
         self.logprob_offset = 0  # where the next reported token's text begins (completions' text_offset)
         self.finish: Finished | None = None
         self.prompt_logprobs: PromptLogprobs | None = None
+        self.ending: tuple[int, TokenLogprob | None] | None = None  # the token that ended it (EOS, a stop token)
         self._starts: dict[int, int] = {0: 0}  # token position -> where its text begins
         self._search_from = 0  # no stop string begins before this character
 
@@ -77,6 +78,8 @@ class ChoiceText:
                 self.logprobs.append(event.logprob)
                 self.text = self._decode(len(self.token_ids))
                 self._cut_at_stop()
+            else:  # not part of the text, but its log probability is reported as vLLM does (lm-eval's
+                self.ending = (event.token_id, event.logprob)  # echo scoring drops the last token it gets)
             if event.finish is not None:
                 self.finish = self.finish or event.finish
 
@@ -279,6 +282,8 @@ class Completion:
         finish = text.finish if finishing else None
         ids = [text.token_ids[i] for i in positions]
         values = [text.logprobs[i] for i in positions]
+        if finish is not None and text.ending is not None and not self.chat:
+            ids, values = ids + [text.ending[0]], values + [text.ending[1]]
         choice: dict[str, Any] = {"finish_reason": finish.reason if finish else None,
                                   "stop_reason": finish.stop_reason if finish else None}  # fmt: skip
         if self.chat:
