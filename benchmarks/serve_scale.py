@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import threading
@@ -67,6 +68,19 @@ POWER_LAW = 1.0
 WARMUP = 2
 
 
+RAY_WORKLOAD = re.compile(r"[1-9][0-9]*-(zipf|uniform)(:[1-9][0-9]*)?")
+
+
+def ray_workloads(text: str) -> list[str]:
+    """``COUNT-zipf`` or ``COUNT-uniform``, each with an optional ``:HELD``, comma-separated."""
+    workloads = comma_list(text)
+    for workload in workloads:
+        if not RAY_WORKLOAD.fullmatch(workload):
+            raise argparse.ArgumentTypeError(f"{workload!r}: expected COUNT-zipf or COUNT-uniform, optionally :HELD "
+                                             f"(e.g. 2000-zipf or 16-uniform:12)")  # fmt: skip
+    return workloads
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -81,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adapter-memory-mb", type=positive_float, default=128.0)
     parser.add_argument("--max-loaded-adapters", type=positive_int, default=2000)
     parser.add_argument("--max-num-seqs", type=positive_int, default=32)
-    parser.add_argument("--ray-workloads", type=comma_list,
+    parser.add_argument("--ray-workloads", type=ray_workloads,
                         help="the Ray runs' workloads, COUNT-zipf or COUNT-uniform, each with :HELD for the "
                              "adapters a replica holds at most (default: the largest count, zipf, "
                              "--max-loaded-adapters)")  # fmt: skip
