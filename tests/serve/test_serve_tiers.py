@@ -10,6 +10,7 @@ import itertools
 import json
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -20,6 +21,9 @@ from safetensors.torch import save_file
 
 from flora import AdapterModel, LoraConfig
 from flora.io import AdapterFiles, inspect_adapter_dir
+from flora.serve import registry as registry_module
+from flora.serve.engine import Engine, EngineLimits, EngineRequest, SamplingParams, Token
+from flora.serve.metrics import ServerMetrics
 from flora.serve.registry import AdapterRegistry
 from serve.support import MAX_MODEL_LEN, LiveServer, save_adapters
 
@@ -273,6 +277,47 @@ def test_the_registry_never_reads_past_its_memory(tokenizer, many):
             registry.apply(model)
             assert registry.held_bytes <= registry.memory_bytes
         assert registry.counters["evictions"] >= 3
+    finally:
+        registry.close()
+
+
+def test_an_adapter_read_in_time_is_installed_at_the_step_boundary_that_started_its_read(tokenizer, many, monkeypatch):
+    """A cold adapter does not wait one more decoding step when its read is quick; a slow read is
+    waited for `READ_WAIT_S` at most and then installed at a later boundary."""
+    model = AdapterModel(tiny_llama(tokenizer), tokenizer)
+    registry = AdapterRegistry("tiny", many, max_loaded=COUNT, model=model)
+    try:
+        monkeypatch.setattr(registry_module, "READ_WAIT_S", 30.0)  # a quick read, however busy the machine
+        quick = registry.lease("a000")
+        assert registry.apply(model) and quick.state == "ready"  # one boundary: read, then installed
+        monkeypatch.setattr(registry_module, "READ_WAIT_S", 0.05)
+        disk, read_files = threading.Event(), registry._read_files
+        registry._read_files = lambda version: (disk.wait(), read_files(version))
+        slow = registry.lease("a001")
+        assert not registry.apply(model) and slow.state == "reading"  # the engine went back to its step
+        disk.set()
+        while slow.state == "reading":
+            time.sleep(0.01)
+        assert registry.apply(model) and slow.state == "ready"
+    finally:
+        registry.close()
+
+
+def test_a_request_for_a_cold_adapter_gets_its_first_token_in_the_step_that_reads_its_adapter(tokenizer, many):
+    """Submitted while its adapter is still on disk (as the server does), it is admitted at the step
+    boundary where the adapter is read and installed, not one or two steps later."""
+    model = AdapterModel(tiny_llama(tokenizer), tokenizer)
+    registry = AdapterRegistry("tiny", many, max_loaded=COUNT, model=model)
+    engine = Engine(model, registry, EngineLimits(max_model_len=MAX_MODEL_LEN), ServerMetrics())
+    try:
+        events = []
+        version = registry.lease("a006")
+        assert version.state == "queued"
+        engine.submit(EngineRequest("cold", tokenizer("hi")["input_ids"], SamplingParams(max_tokens=3), version,
+                                    events.append))  # fmt: skip
+        engine.step_once()
+        assert version.state == "ready" and [r.id for r in engine.running] == ["cold"]
+        assert [type(event) for event in events] == [Token, Token]  # its prefill's token and a decoding step's
     finally:
         registry.close()
 

@@ -202,7 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(err), err.param) from None
         state.registry.hold(version)  # while it loads, so that it is not evicted before anyone uses it
         try:
-            await asyncio.to_thread(version.settled.wait)
+            await settled(version)
         finally:
             state.registry.release(version)
         if version.state == "failed":
@@ -332,13 +332,17 @@ async def _generate(
                                      params=replace(params, seed=None if params.seed is None else params.seed + s))
                        for s in range(sequences)])  # fmt: skip
     completion = Completion(base, body, state.tokenizer, groups, [echo for _, echo in prompts], state.engine.abort)
-    try:
+    try:  # before its adapter is read: the engine admits it at the step boundary where the adapter is installed
         state.engine.submit(*[r for group in groups for r in group])
     except QueueFullError as err:
         if adapter is not None:
             for _ in range(len(prompts) * sequences):
                 state.registry.release(adapter)
         raise APIError(429, str(err)) from None
+    if adapter is not None:  # a request whose adapter cannot be loaded is answered with the reason, nothing sent
+        await settled(adapter)
+        if adapter.state == "failed":  # the engine ends its requests, and releases the adapter, at its next step
+            raise APIError(400, adapter.error or f"adapter {body.model!r} cannot be loaded", "model")
     if body.stream:
         return StreamingResponse(completion.sse(), media_type="text/event-stream", headers=headers)
     return await _whole(completion, request, headers)
@@ -394,9 +398,8 @@ async def _whole(completion: Completion, http_request: Request, headers: dict[st
 
 
 async def _lease(state: ServerState, model: str) -> tuple[AdapterVersion | None, bool]:
-    """``model``'s adapter (``None`` for the base model), leased and in memory, and whether it was in
-    the model already: a request waits here, off the engine, while its adapter is read, and one that
-    cannot be loaded is answered with the reason before any of the response is sent."""
+    """``model``'s adapter (``None`` for the base model), leased, and whether it was in the model
+    already; one not in memory is queued to be read (`_loaded` waits for it)."""
     if model == state.base_name:
         return None, True
     try:
@@ -407,10 +410,14 @@ async def _lease(state: ServerState, model: str) -> tuple[AdapterVersion | None,
         raise APIError(403, str(err), "model") from None
     except AdapterLoadError as err:
         raise APIError(400, str(err), "model") from None
-    in_memory = version.state == "ready"
-    if not version.settled.is_set():
-        await asyncio.to_thread(version.settled.wait)
-    if version.state == "failed":
-        state.registry.release(version)
-        raise APIError(400, version.error or f"adapter {model!r} cannot be loaded", "model")
-    return version, in_memory
+    return version, version.state == "ready"
+
+
+async def settled(version: AdapterVersion) -> None:
+    """Wait, on the event loop and without a thread, until ``version`` is ready or failed."""
+    if version.settled.is_set():
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    version.on_settled(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+    await done

@@ -202,10 +202,14 @@ class Engine:
 
     def submit(self, *requests: EngineRequest) -> None:
         """Queue ``requests`` (all or none: `QueueFullError` when more than ``max_queue`` would wait
-        beyond the batch's free slots)."""
+        beyond the batch's free slots). Requests whose adapter is still being read may be queued
+        before it is: they wait apart from the count, and join at the step boundary it is installed."""
         with self._wakeup:
             free = max(0, self.limits.max_num_seqs - len(self.running))
-            if len(self._inbox) + len(self.waiting) + len(requests) - free > self.limits.max_queue:
+            admissible = [
+                r for r in (*self._inbox, *self.waiting, *requests) if r.adapter is None or r.adapter.state == "ready"
+            ]
+            if len(admissible) - free > self.limits.max_queue:
                 raise QueueFullError(
                     f"the server is at capacity: {self.limits.max_queue} requests are already waiting (--max-queue)"
                 )
@@ -242,19 +246,25 @@ class Engine:
                     self._wakeup.wait(timeout=0.5)
                 if self._stopping:
                     break
-                self.waiting.extend(self._inbox)
-                self._inbox.clear()
-                aborts, self._aborts = self._aborts, {}
-            try:
-                with torch.inference_mode():
-                    self._step(aborts)
-            except Exception as err:  # noqa: BLE001  (a failed step fails its requests, not the server)
-                logger.exception("engine step failed")
-                for request in self.running + self.waiting:
-                    self._finish(request, Finished("error", f"the engine failed: {err}"))
-                self.running, self.waiting, self._cache, self._batch, self._rows = [], [], SlotCache(), None, {}
+            self.step_once()
         for request in self.running + self.waiting + list(self._inbox):
             self._finish(request, Finished("abort", "the server is shutting down"))
+
+    def step_once(self) -> None:
+        """One pass of the loop (the engine's thread, or a test's when the engine is not started):
+        the requests submitted and aborted since the last, then one step."""
+        with self._wakeup:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, {}
+        try:
+            with torch.inference_mode():
+                self._step(aborts)
+        except Exception as err:  # noqa: BLE001  (a failed step fails its requests, not the server)
+            logger.exception("engine step failed")
+            for request in self.running + self.waiting:
+                self._finish(request, Finished("error", f"the engine failed: {err}"))
+            self.running, self.waiting, self._cache, self._batch, self._rows = [], [], SlotCache(), None, {}
 
     def _step(self, aborts: dict[str, Finished]) -> None:
         if self.registry.apply(self.model):
