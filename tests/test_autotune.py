@@ -78,3 +78,65 @@ def test_one_lora_adapter_for_every_row_takes_segmented_without_measuring():
     model(ids, attention_mask=mask, adapter_names=["a", "a", "a", None])  # a row without: measured
     assert set(model.runtime.tuner.choices.values()) <= set(LoraBank.strategies)
     assert model.runtime.tuner.choices
+
+
+def _never(name):
+    def run():
+        raise AssertionError(f"{name} measured again")
+
+    return run
+
+
+def test_a_tuner_with_a_path_keeps_its_choices_for_the_next_process(tmp_path):
+    path = tmp_path / "autotune" / "machine.json"
+    key = ("lora", (8, 16, 4), 1, 1, 4, 4, "cpu", torch.float32, False)
+    first = Autotuner(repeats=1, path=path)
+    assert (
+        first.pick(key, {"slow": lambda: time.sleep(0.01) or torch.zeros(1), "fast": lambda: torch.zeros(1)}) == "fast"
+    )
+    later = Autotuner(repeats=1, path=path)  # a server restarted
+    assert later.known(key) == "fast"
+    assert later.pick(key, {"slow": _never("slow"), "fast": _never("fast")}) == "fast"
+    # a choice this version no longer offers is measured again, not used
+    assert later.pick(key, {"bmm": lambda: torch.zeros(1)}) == "bmm"
+
+
+def test_two_tuners_on_one_file_keep_each_others_choices(tmp_path):
+    """Replicas on one machine share the file: one's write does not drop what the other wrote."""
+    path = tmp_path / "machine.json"
+    one, other = Autotuner(repeats=1, path=path), Autotuner(repeats=1, path=path)
+    one.pick("k1", {"a": lambda: torch.zeros(1)})
+    other.pick("k2", {"b": lambda: torch.zeros(1)})
+    assert Autotuner(path=path)._saved == {repr("k1"): "a", repr("k2"): "b"}
+
+
+def test_a_cache_file_that_is_not_a_tuners_is_measured_over_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "machine.json"
+    for content in ("not json {", '["a list"]', '{"k": 3}'):
+        path.write_text(content)
+        tuner = Autotuner(repeats=1, path=path)
+        assert tuner.pick("k", {"a": lambda: torch.zeros(1)}) == "a"
+        assert "autotune cache" in caplog.text and "measuring again" in caplog.text
+        assert Autotuner(path=path)._saved == {repr("k"): "a"}
+        caplog.clear()
+
+
+def test_a_model_restarted_on_a_tuners_file_measures_nothing_and_computes_the_same(tmp_path, monkeypatch):
+    path = tmp_path / "machine.json"
+    ids, mask = batch(rows=4)
+    names = ["a0", "a1", None, "a0"]
+    logits = []
+    for run in range(2):
+        model = AdapterModel(tiny_model("llama"))
+        torch.manual_seed(0)
+        for i in range(2):
+            model.add_adapter(f"a{i}", LoraConfig(r=2 + i))
+            with torch.no_grad():
+                for parameter in model.adapter_parameters(f"a{i}").values():
+                    parameter.normal_(0, 0.3)
+        model.runtime.tuner = Autotuner(path=path)
+        if run == 1:
+            monkeypatch.setattr(Autotuner, "_cold", lambda self, device: _never("a strategy")())
+        logits.append(model(ids, attention_mask=mask, adapter_names=names).logits)
+        assert model.runtime.tuner.choices
+    assert torch.equal(logits[0], logits[1])

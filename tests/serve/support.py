@@ -77,9 +77,11 @@ class Reference:
 
 
 class LiveServer:
-    """`flora.serve` for ``model`` with ``settings``, serving on ``self.url`` until `stop`."""
+    """`flora.serve` for ``model`` with ``settings``, serving on ``self.url`` until `stop`; the autotuner's
+    choices in memory only unless ``autotune_cache`` is given."""
 
     def __init__(self, model: AdapterModel, **settings) -> None:
+        settings.setdefault("autotune_cache", None)
         self.state = build_state(ServeSettings(model="tiny", **settings), model=model)
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))

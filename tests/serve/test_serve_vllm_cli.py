@@ -18,6 +18,7 @@ from openai import OpenAI
 from flora import AdapterModel, LoraConfig
 from flora.cli import build_parser
 from flora.cli.serve import settings_from_args
+from flora.kernels.autotune import machine_fingerprint
 from flora.serve import ServeSettings, build_state
 from flora.serve.registry import AdapterLoadError, AdapterRegistry, AdapterVersion
 from serve.support import LiveServer, save_adapters
@@ -149,8 +150,9 @@ def test_a_server_started_from_a_vllm_command_line(tokenizer, reference, adapter
         live.stop()
 
 
-def test_adapter_dtype_sets_the_tables_of_the_served_model(tokenizer):
+def test_adapter_dtype_sets_the_tables_of_the_served_model(tokenizer, tmp_path, monkeypatch):
     """``--adapter-dtype bfloat16``: the served model's LoRA tables in bfloat16 (`AdapterModel.adapter_dtype`)."""
+    monkeypatch.setenv("FLORA_CACHE", str(tmp_path))  # the autotuner's file (--autotune-cache auto)
     settings = _settings(["--model", "tiny", "--adapter-dtype", "bfloat16", "--max-model-len", "128"])
     assert settings.adapter_dtype == "bfloat16"
     assert _settings(["--lora-dtype", "bfloat16"]).adapter_dtype == "bfloat16"  # vLLM's name
@@ -161,6 +163,20 @@ def test_adapter_dtype_sets_the_tables_of_the_served_model(tokenizer):
         assert live.state.engine.model.adapter_dtype is torch.bfloat16
     finally:
         live.stop()
+
+
+def test_the_autotuners_choices_are_kept_in_a_file_per_machine_unless_none(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLORA_CACHE", str(tmp_path))
+    assert _settings([]).autotune_cache == "auto"
+    assert _settings(["--autotune-cache", "none"]).autotune_cache is None
+    assert _settings(["--autotune-cache", str(tmp_path / "mine.json")]).autotune_cache == str(tmp_path / "mine.json")
+    for setting, path in (("auto", tmp_path / "autotune" / f"{machine_fingerprint('cpu')}.json"),
+                          (str(tmp_path / "mine.json"), tmp_path / "mine.json"), (None, None)):  # fmt: skip
+        live = LiveServer(AdapterModel(tiny_llama(tokenizer), tokenizer), autotune_cache=setting, max_model_len=128)
+        try:
+            assert live.state.engine.model.runtime.tuner.path == path
+        finally:
+            live.stop()
 
 
 # -- --max-lora-rank ---------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ def add_parser(subparsers) -> None:
                    help="LoRA's per-row tables in this dtype (half the bytes a decoding step reads in bfloat16); "
                         "auto: the model's (default)")  # fmt: skip
     e.add_argument("--strategy", default="auto", help="per-row adapter strategy of flora.AdapterModel (default: auto)")
+    e.add_argument("--autotune-cache", default="auto", metavar="PATH",
+                   help="keep the autotuner's measured choices in this JSON file across restarts; auto: "
+                        "$FLORA_CACHE/autotune/<this machine>.json; none: measure afresh in every process "
+                        "(default: auto)")  # fmt: skip
     r = p.add_argument_group("replicas on Ray Serve (flora[ray]; docs/serving.md)")
     r.add_argument("--replicas", type=int, default=1,
                    help="flora engines behind one API, as a Ray Serve application; 1: this process alone, without "
@@ -152,7 +156,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os
         max_loaded_adapters=args.max_loaded_adapters,
         adapter_memory_mb=args.adapter_memory_mb, batching=args.batching, dtype=args.dtype, device=args.device,
         adapter_dtype=None if args.adapter_dtype in (None, "auto") else args.adapter_dtype,
-        strategy=args.strategy, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, api_key=api_key,
+        strategy=args.strategy, autotune_cache=None if args.autotune_cache == "none" else args.autotune_cache,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, api_key=api_key,
         enable_runtime_lora_updating=args.enable_runtime_lora_updating or runtime,
         allowed_adapter_paths=args.allowed_adapter_paths, metrics_prefix=args.metrics_prefix,
     )  # fmt: skip

@@ -10,15 +10,30 @@ the size of a CPU's last-level cache (or a GPU's L2). A layer measured alone wou
 its per-row tables in cache, where in a model's forward the other layers' weights have pushed them
 out: timed warm, a strategy that reads many tables (``bmm`` over distinct adapters) looks as cheap
 as one that reads few (``stacked``, each adapter once), and the choice is wrong for the model.
+
+Measuring costs a few tens of milliseconds per key, and a server meets some forty keys in its first
+minute (batch sizes, prompt lengths, adapter counts): a tuner given a ``path`` keeps its choices
+there (JSON, written atomically after each new one) and starts from them, as Triton's and
+TensorRT's timing caches do. Choices hold for one machine: `machine_fingerprint` names the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import platform
 import time
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from flora.io import atomic_write
+
+logger = logging.getLogger("flora")
 
 
 def token_bucket(tokens: int) -> int:
@@ -35,16 +50,27 @@ class Autotuner:
     of load on the machine hits them alike, each with cold caches (a read of ``flush_bytes`` before
     it), and remembers the one with the best time."""
 
-    def __init__(self, repeats: int = 5, flush_bytes: int = FLUSH_BYTES) -> None:
+    def __init__(self, repeats: int = 5, flush_bytes: int = FLUSH_BYTES, path: str | os.PathLike | None = None) -> None:
         self.repeats = repeats
         self.flush_bytes = flush_bytes
         self.choices: dict[Hashable, str] = {}
+        self.path = None if path is None else Path(path)
+        self._saved: dict[str, str] = self._load() if self.path is not None else {}
         self._flush: dict[torch.device, Tensor] = {}
+
+    def known(self, key: Hashable) -> str | None:
+        """The choice for ``key`` measured before (by this tuner or, through ``path``, an earlier one)."""
+        choice = self.choices.get(key)
+        if choice is None and self._saved:
+            choice = self._saved.get(repr(key))
+            if choice is not None:
+                self.choices[key] = choice
+        return choice
 
     def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
         """The name of the fastest of ``candidates`` (callables without side effects) for ``key``."""
-        choice = self.choices.get(key)
-        if choice is None:
+        choice = self.known(key)
+        if choice not in candidates:
             best = dict.fromkeys(candidates, float("inf"))
             with torch.no_grad():
                 device = next(iter(candidates.values()))().device  # the first one's warm-up call
@@ -55,7 +81,32 @@ class Autotuner:
                         self._cold(device)
                         best[name] = min(best[name], _seconds(run))
             choice = self.choices[key] = min(best, key=best.__getitem__)
+            if self.path is not None:
+                self._save(repr(key), choice)
         return choice
+
+    def _load(self) -> dict[str, str]:
+        """The choices kept at ``path``; none (with a warning) from a file that is not a tuner's."""
+        try:
+            saved = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            logger.warning("autotune cache %s cannot be read (%s): measuring again", self.path, err)
+            return {}
+        if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
+            logger.warning("autotune cache %s is not a JSON object of choices: measuring again", self.path)
+            return {}
+        return saved
+
+    def _save(self, key: str, choice: str) -> None:
+        """Add one choice to ``path`` (with what other processes added since it was read)."""
+        self._saved = {**self._load(), **self._saved, key: choice}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self._saved, indent=0, sort_keys=True)))
+        except OSError as err:
+            logger.warning("autotune cache %s cannot be written (%s): choices kept in memory only", self.path, err)
 
     def _cold(self, device: torch.device) -> None:
         """Push what the candidates read out of ``device``'s caches."""
@@ -64,6 +115,23 @@ class Autotuner:
             if buffer is None:
                 buffer = self._flush[device] = torch.ones(self.flush_bytes // 4, device=device)
             buffer.sum()
+
+
+def machine_fingerprint(device: str | torch.device = "cpu") -> str:
+    """A short name for what decides a strategy's speed here: the processor (and GPU), the core and
+    thread counts, and torch's version."""
+    device = torch.device(device)
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            processor = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                             processor)  # fmt: skip
+    except OSError:
+        pass
+    parts = [processor, str(os.cpu_count()), str(torch.get_num_threads()), torch.__version__, device.type]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _seconds(run: Callable[[], Tensor]) -> float:

@@ -233,8 +233,8 @@ class Bank(nn.Module):
             token_bucket(sum(map(len, plan.groups.values()))), x.device.type, x.dtype, torch.is_grad_enabled(),
         )  # fmt: skip
         tuner = self.runtime.tuner
-        choice = tuner.choices.get(key)
-        if choice is not None:
+        choice = tuner.known(key)
+        if choice in self.strategies:
             return build(choice)
         built = {name: build(name) for name in self.strategies}
         choice = tuner.pick(key, {name: (lambda k=k: trial(k)) for name, k in built.items()})

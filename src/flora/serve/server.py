@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from flora.base import resolve_model_dir
+from flora.base import cache_dir, resolve_model_dir
+from flora.kernels.autotune import Autotuner, machine_fingerprint
 from flora.model import AdapterModel
 from flora.serve.app import DEFAULT_MAX_REQUEST_BYTES, ServerState, create_app
 from flora.serve.engine import BATCHING, Engine, EngineLimits
@@ -51,6 +53,7 @@ class ServeSettings:
     device: str = "cpu"
     adapter_dtype: str | None = None
     strategy: str = "auto"
+    autotune_cache: str | None = "auto"  # the autotuner's choices kept in this JSON file (`autotune_cache_path`)
     max_loras: int | None = None
     max_lora_rank: int | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -83,6 +86,14 @@ class ServeSettings:
             raise ValueError("--api-key: the key is empty (expected a non-empty key, or none to serve without one)")
 
 
+def autotune_cache_path(setting: str, device: str) -> Path:
+    """``--autotune-cache``'s file: ``auto`` is ``$FLORA_CACHE/autotune/<this machine>.json``, whose name
+    changes with the processor, the threads torch runs on and torch's version."""
+    if setting == "auto":
+        return cache_dir() / "autotune" / f"{machine_fingerprint(device)}.json"
+    return Path(setting)
+
+
 def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> ServerState:
     """Everything a server needs, its engine running and its ``--adapter`` adapters loaded. A
     ``model`` given is put in eval mode with read-only adapters (`AdapterModel.adapters_read_only`)."""
@@ -99,6 +110,8 @@ def build_state(settings: ServeSettings, model: AdapterModel | None = None) -> S
     model.adapters_read_only = True  # the registry installs and deletes adapters, never writes them in place
     if settings.adapter_dtype is not None:
         model.adapter_dtype = ADAPTER_DTYPES[settings.adapter_dtype]
+    if settings.autotune_cache is not None:
+        model.runtime.tuner = Autotuner(path=autotune_cache_path(settings.autotune_cache, settings.device))
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = settings.max_model_len or context
     if max_model_len > context:
