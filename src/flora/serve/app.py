@@ -26,6 +26,7 @@ batch at once. The engine only sees token ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -419,5 +420,10 @@ async def settled(version: AdapterVersion) -> None:
         return
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    version.on_settled(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+
+    def wake() -> None:  # on the thread that settles it
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    version.on_settled(wake)
     await done
