@@ -203,7 +203,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(err), err.param) from None
         state.registry.hold(version)  # while it loads, so that it is not evicted before anyone uses it
         try:
-            await settled(version)
+            await _settled(version)
         finally:
             state.registry.release(version)
         if version.state == "failed":
@@ -341,7 +341,7 @@ async def _generate(
                 state.registry.release(adapter)
         raise APIError(429, str(err)) from None
     if adapter is not None:  # a request whose adapter cannot be loaded is answered with the reason, nothing sent
-        await settled(adapter)
+        await _settled(adapter)
         if adapter.state == "failed":  # the engine ends its requests, and releases the adapter, at its next step
             raise APIError(400, adapter.error or f"adapter {body.model!r} cannot be loaded", "model")
     if body.stream:
@@ -400,7 +400,7 @@ async def _whole(completion: Completion, http_request: Request, headers: dict[st
 
 async def _lease(state: ServerState, model: str) -> tuple[AdapterVersion | None, bool]:
     """``model``'s adapter (``None`` for the base model), leased, and whether it was in the model
-    already; one not in memory is queued to be read (`_loaded` waits for it)."""
+    already; one not in memory is queued to be read (`_settled` waits for it)."""
     if model == state.base_name:
         return None, True
     try:
@@ -414,7 +414,7 @@ async def _lease(state: ServerState, model: str) -> tuple[AdapterVersion | None,
     return version, version.state == "ready"
 
 
-async def settled(version: AdapterVersion) -> None:
+async def _settled(version: AdapterVersion) -> None:
     """Wait, on the event loop and without a thread, until ``version`` is ready or failed."""
     if version.settled.is_set():
         return
