@@ -76,7 +76,7 @@ def main() -> None:
             done = threading.Semaphore(0)
             for row, prompt in enumerate(prompts):
                 adapter = adapters[row % len(adapters)]
-                lease = None if adapter is None else state.registry.lease(adapter)
+                lease = None if adapter is None else state.registry.lease(adapter)[0]
 
                 def emit(event, row=row):
                     if isinstance(event, Token):

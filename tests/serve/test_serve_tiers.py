@@ -266,7 +266,7 @@ def test_the_registry_never_reads_past_its_memory(tokenizer, many):
     three = 3 * inspect_adapter_dir(many / names[0]).nbytes(8)
     registry = AdapterRegistry("tiny", many, max_loaded=COUNT, memory_mb=three / 2**20, model=model)
     try:
-        leased = [registry.lease(name) for name in names]
+        leased = [registry.lease(name)[0] for name in names]
         while not all(v.settled.is_set() for v in leased[:3]):
             registry.apply(model)
             assert registry.held_bytes <= registry.memory_bytes
@@ -288,12 +288,12 @@ def test_an_adapter_read_in_time_is_installed_at_the_step_boundary_that_started_
     registry = AdapterRegistry("tiny", many, max_loaded=COUNT, model=model)
     try:
         monkeypatch.setattr(registry_module, "READ_WAIT_S", 30.0)  # a quick read, however busy the machine
-        quick = registry.lease("a000")
+        quick, _ = registry.lease("a000")
         assert registry.apply(model) and quick.state == "ready"  # one boundary: read, then installed
         monkeypatch.setattr(registry_module, "READ_WAIT_S", 0.05)
         disk, read_files = threading.Event(), registry._read_files
         registry._read_files = lambda version: (disk.wait(), read_files(version))
-        slow = registry.lease("a001")
+        slow, _ = registry.lease("a001")
         assert not registry.apply(model) and slow.state == "reading"  # the engine went back to its step
         disk.set()
         while slow.state == "reading":
@@ -311,8 +311,8 @@ def test_a_request_for_a_cold_adapter_gets_its_first_token_in_the_step_that_read
     engine = Engine(model, registry, EngineLimits(max_model_len=MAX_MODEL_LEN), ServerMetrics())
     try:
         events = []
-        version = registry.lease("a006")
-        assert version.state == "queued"
+        version, in_memory = registry.lease("a006")
+        assert version.state == "queued" and not in_memory
         engine.submit(EngineRequest("cold", tokenizer("hi")["input_ids"], SamplingParams(max_tokens=3), version,
                                     events.append))  # fmt: skip
         engine.step_once()

@@ -404,14 +404,13 @@ async def _lease(state: ServerState, model: str) -> tuple[AdapterVersion | None,
     if model == state.base_name:
         return None, True
     try:
-        version = await asyncio.to_thread(state.registry.lease, model)
+        return await asyncio.to_thread(state.registry.lease, model)
     except UnknownAdapterError as err:
         raise APIError(404, err.args[0], "model") from None
     except AdapterAccessError as err:
         raise APIError(403, str(err), "model") from None
     except AdapterLoadError as err:
         raise APIError(400, str(err), "model") from None
-    return version, version.state == "ready"
 
 
 async def _settled(version: AdapterVersion) -> None:

@@ -296,9 +296,10 @@ class AdapterRegistry:
 
     # -- leases (request side) -----------------------------------------------------------------
 
-    def lease(self, name: str) -> AdapterVersion:
-        """The current version of ``name`` for a new request, held until `release`; one not in memory is
-        inspected (file reads: call it off the event loop) and queued to be read. Raises
+    def lease(self, name: str) -> tuple[AdapterVersion, bool]:
+        """The current version of ``name`` for a new request, held until `release`, and whether it was in
+        the model when leased (a hit: decided here, as the engine may install it a moment later); one not
+        in memory is inspected (file reads: call it off the event loop) and queued to be read. Raises
         `UnknownAdapterError` for a name nobody serves, `AdapterAccessError` for an adapter-dir entry
         outside the roots and `AdapterLoadError` for one that cannot be served (its error says why)."""
         with self._lock:
@@ -308,17 +309,18 @@ class AdapterRegistry:
                 version = self.current[name] = self._new_version(name, path, pinned=False)
             version.users += 1
             version.last_used = time.monotonic()
-            if version.state == "ready":
+            hit = version.state == "ready"
+            if hit:
                 self.counters["hits"] += 1
             if version.state != "unloaded":
-                return version
+                return version, hit
             version.state = "inspecting"
         try:
             self._inspect(version, "model")
         except AdapterLoadError:
             self.release(version)
             raise
-        return version
+        return version, False
 
     def _inspect(self, version: AdapterVersion, param: str) -> None:
         """Inspect ``version``'s files and queue it to be read, or fail it (`AdapterLoadError`)."""
