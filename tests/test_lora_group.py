@@ -143,6 +143,28 @@ def test_kept_row_factors_follow_weight_updates_reloads_and_removals(tmp_path):
     assert all("r4" not in group._factors for group in {id(b.group): b.group for b in _lora_banks(model)}.values())
 
 
+@pytest.mark.parametrize("strategy", ["bmm", "loop", "segmented", "stacked"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_kept_row_factors_follow_optimizer_steps_fused_or_not(strategy, fused):
+    """A fused optimizer (transformers' default ``adamw_torch_fused``) writes the adapters in place
+    without counting their tensors' versions: evaluating between training steps (a study's learning
+    curves) must still read each step's weights, not those kept from the evaluation before it."""
+    model = _model()
+    model.strategy = strategy
+    ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(9))
+    names = ["r4", "r2", None]
+    parameters = [p for name in ("r4", "r2") for p in model.adapter_parameters(name).values()]
+    optimizer = torch.optim.AdamW(parameters, lr=0.05, fused=fused, foreach=None if fused else False)
+    for _ in range(2):
+        _assert_each_row_equals_its_adapter_merged(model, ids, names)  # keeps the factors it read
+        model.train()
+        model(ids, adapter_names=names, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+    _assert_each_row_equals_its_adapter_merged(model, ids, names)
+
+
 def test_read_only_adapters_keep_row_factors_through_loads_and_removals(tmp_path):
     """With `AdapterModel.adapters_read_only` (a server's promise) kept factors are reused without
     reading version counters: adapters loaded again, removed and added are still seen; an in-place

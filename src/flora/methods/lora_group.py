@@ -45,7 +45,7 @@ from torch import Tensor
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.base import pad_rank
 from flora.methods.batch import AdapterBatch, GroupRun, PerBatch, Plan
-from flora.methods.slot_tables import MemberFactors
+from flora.methods.slot_tables import MemberFactors, written_versions
 
 if TYPE_CHECKING:
     from flora.methods.lora import LoraBank
@@ -234,13 +234,15 @@ class LoraGroup:
 
     def factors(self, members: Members, name: str) -> Factors:
         """Adapter ``name``'s `Factors` in ``members``. Without autograd they are kept (for the
-        `KEPT_FACTORS` adapters used last) until the adapter's parameters change (in place or
-        moved: `_versions`; replaced or removed: `forget`), unless the adapters are read-only
-        (`AdapterModel.adapters_read_only`), so that a new batch only indexes them."""
+        `KEPT_FACTORS` adapters used last) until the adapter's parameters change (written in place,
+        moved or stepped by an optimizer: `flora.methods.slot_tables.written_versions`; replaced or
+        removed: `forget`), unless the adapters are read-only (`AdapterModel.adapters_read_only`), so
+        that a new batch only indexes them."""
         held = members.member_factors(name)
         grad = torch.is_grad_enabled()
         kept = None if grad else self._factors.get(name)
-        versions = () if members.banks[0].runtime.read_only else _versions(held)
+        read_only = members.banks[0].runtime.read_only
+        versions = () if read_only else written_versions(t for f in held if f is not None for t in f[:2])
         if kept is not None and kept[1] == versions and len(kept[0].b_parts) == len(held):
             self._factors.move_to_end(name)
             return kept[0]
@@ -257,12 +259,6 @@ class LoraGroup:
             if len(self._factors) > KEPT_FACTORS:
                 self._factors.popitem(last=False)
         return factors
-
-
-def _versions(held: list[MemberFactors | None]) -> tuple:
-    """What changes when a tensor is written: in place (its version counter) or given new storage
-    (``module.to(dtype)`` swaps a parameter's data without counting a version)."""
-    return tuple((t._version, t.data_ptr()) for f in held if f is not None for t in f[:2])
 
 
 def link_groups(banks: Iterable[tuple[str, LoraBank]]) -> None:

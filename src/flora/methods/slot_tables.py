@@ -27,10 +27,12 @@ bytes a decoding step reads).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 SLOT_STEP = 8
 
@@ -182,7 +184,27 @@ class SlotTables:
         return group
 
     def _versions(self, name: str) -> tuple:
-        """What changes when adapter ``name``'s factors are written in place (version counters) or given
-        new storage (``module.to(dtype)`` swaps a parameter's data without counting a version)."""
-        return tuple((t._version, t.data_ptr()) for group in self.groups.values()
-                     for f in group.source.member_factors(name) if f is not None for t in f[:2])  # fmt: skip
+        """`written_versions` of adapter ``name``'s factors."""
+        return written_versions(t for group in self.groups.values()
+                                for f in group.source.member_factors(name) if f is not None for t in f[:2])  # fmt: skip
+
+
+class _OptimizerSteps:
+    """The optimizer steps taken in this process (a hook on every ``torch.optim.Optimizer.step``)."""
+
+    count = 0
+
+    @classmethod
+    def after_step(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_OptimizerSteps.after_step)
+
+
+def written_versions(tensors: Iterable[Tensor]) -> tuple:
+    """What changes when one of ``tensors`` is written: in place (its version counter), given new
+    storage (``module.to(dtype)`` swaps a parameter's data without counting a version), or by an
+    optimizer step (fused optimizers, transformers' default ``adamw_torch_fused`` among them, write
+    parameters without counting versions)."""
+    return (_OptimizerSteps.count, *((t._version, t.data_ptr()) for t in tensors))
