@@ -281,6 +281,39 @@ def test_the_registry_never_reads_past_its_memory(tokenizer, many):
         registry.close()
 
 
+def test_freed_heap_memory_is_returned_after_an_eviction_at_most_once_an_interval(tokenizer, many, monkeypatch):
+    """An adapter's many small tensors stay in the allocator's heap when it leaves memory: the engine's
+    side hands them back (`return_freed_memory`) after an eviction, not more often than `TRIM_INTERVAL_S`."""
+    model = AdapterModel(tiny_llama(tokenizer), tokenizer)
+    names = [f"a{i:03d}" for i in range(0, 12, len(RANKS))]  # three adapters of rank 2: one fits
+    one = inspect_adapter_dir(many / names[0]).nbytes(8)
+    trims = []
+    monkeypatch.setattr(registry_module, "return_freed_memory", lambda: trims.append(True))
+    monkeypatch.setattr(registry_module, "TRIM_INTERVAL_S", 3600.0)
+    registry = AdapterRegistry("tiny", many, max_loaded=COUNT, memory_mb=one / 2**20, model=model)
+
+    def serve(name: str) -> None:
+        version, _ = registry.lease(name)
+        while not version.settled.is_set():
+            registry.apply(model)
+        registry.release(version)
+
+    try:
+        serve(names[0])
+        assert trims == []  # nothing left memory
+        serve(names[1])  # evicts the first
+        assert len(trims) == 1 and registry.counters["evictions"] == 1
+        serve(names[2])  # evicts the second within the interval: not trimmed yet
+        assert len(trims) == 1 and registry.counters["evictions"] == 2
+        monkeypatch.setattr(registry_module, "TRIM_INTERVAL_S", 0.0)
+        registry.apply(model)
+        assert len(trims) == 2
+        registry.apply(model)  # nothing freed since
+        assert len(trims) == 2
+    finally:
+        registry.close()
+
+
 def test_an_adapter_read_in_time_is_installed_at_the_step_boundary_that_started_its_read(tokenizer, many, monkeypatch):
     """A cold adapter does not wait one more decoding step when its read is quick; a slow read is
     waited for `READ_WAIT_S` at most and then installed at a later boundary."""

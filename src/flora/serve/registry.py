@@ -38,6 +38,9 @@ removed when the last of them ends. The model itself is only ever changed by the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import json
 import logging
@@ -68,6 +71,13 @@ just started. A LoRA adapter read from the page cache takes a few milliseconds (
 step boundary where it was asked for, instead of one step (100-300 ms under load) later, at the cost
 of that wait to the running rows once per cold adapter. A slower read (a cold disk) goes on in the
 background after it, and the running rows keep decoding."""
+TRIM_INTERVAL_S = 1.0
+"""How often at most `AdapterRegistry.apply` hands the heap memory of dropped adapters back to the
+operating system (glibc's ``malloc_trim``). An adapter's tensors are many small allocations that
+the allocator keeps for reuse, so a server that reads and evicts adapters keeps growing past its
+``memory_mb`` (a replay of 300 steps over 2,000 SmolLM2 adapters, 38 in memory: peak resident
+memory 1,851 MB untrimmed, 1,695 MB trimmed after every step); a trim takes 1.5 ms (at most 10 ms),
+once a second at most and only after an adapter left memory."""
 
 
 class UnknownAdapterError(KeyError):
@@ -226,6 +236,8 @@ class AdapterRegistry:
         self._loaded: list[AdapterVersion] = []  # in the model
         self.held_bytes = 0  # tensors of the versions being read, read or in the model
         self.counters = {"loads": 0, "hits": 0, "evictions": 0}
+        self._freed = False  # an adapter left memory since the last trim
+        self._trimmed_at = 0.0
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -463,6 +475,9 @@ class AdapterRegistry:
         if started:
             wait_for(started, timeout=READ_WAIT_S)
             changed |= self._install_read(model)
+        if self._freed and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
+            self._freed, self._trimmed_at = False, time.monotonic()
+            return_freed_memory()
         return changed
 
     def _remove_retired(self, model: AdapterModel) -> bool:
@@ -557,6 +572,7 @@ class AdapterRegistry:
         """``version``'s tensors leave memory: it is on disk only again."""
         self.held_bytes -= version.nbytes
         version.state, version.tensors = "unloaded", None
+        self._freed = True
         version.settled.clear()
 
     def waiting_installs(self) -> bool:
@@ -586,3 +602,19 @@ def _read_config(path: Path, param: str) -> dict[str, Any]:
 def _reason(err: BaseException) -> str:
     """An error's message (a missing file's ``FileNotFoundError`` says which)."""
     return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the operating system (glibc's ``malloc_trim(0)``; nothing
+    elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
