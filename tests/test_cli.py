@@ -48,6 +48,16 @@ def test_help_lists_every_command_and_imports_neither_torch_nor_transformers():
     assert all(f"    {command}  " in listed for command in COMMANDS)
 
 
+def test_a_reader_that_leaves_the_pipe_stops_the_command_quietly():
+    """``flora study list | head -1``: the pipe's reader is gone before the command writes, which then
+    ends with the shell's SIGPIPE status and no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "flora", "study", "list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process.stdout.close()  # long before the interpreter has started and imported flora
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 141 and stderr == ""
+
+
 def test_a_command_imports_only_its_own_module():
     code = ("import sys\nfrom flora.cli import build_parser\nbuild_parser('demo')\n"
             "print(sorted(m for m in sys.modules if m.startswith('flora.cli.')))")  # fmt: skip

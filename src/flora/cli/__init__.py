@@ -74,11 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         with _downloads(getattr(args, "allow_download", False)):
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left is met here, not in the interpreter's flush at exit
+        return code
     except (ValueError, FileNotFoundError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"flora: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`flora study status DIR | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader stopped
     except ModuleNotFoundError as err:
         extra = EXTRAS.get((err.name or "").partition(".")[0])
         if extra is None:

@@ -45,7 +45,7 @@ from torch import Tensor
 from flora.kernels.lowrank import lowrank_bmm, lowrank_loop, lowrank_segmented, lowrank_stacked
 from flora.methods.base import pad_rank
 from flora.methods.batch import AdapterBatch, GroupRun, PerBatch, Plan
-from flora.methods.slot_tables import MemberFactors, written_versions
+from flora.methods.slot_tables import MemberFactors
 
 if TYPE_CHECKING:
     from flora.methods.lora import LoraBank
@@ -106,7 +106,7 @@ class LoraGroup:
 
     def __init__(self, banks: list[LoraBank]) -> None:
         self.banks = banks
-        self._factors: OrderedDict[str, tuple[Factors, tuple]] = OrderedDict()  # adapter -> factors, versions
+        self._factors: OrderedDict[str, Factors] = OrderedDict()  # read-only adapters' (`factors`)
 
     def forget(self, name: str) -> None:
         """Drop adapter ``name``'s kept factors (it is replaced or removed)."""
@@ -233,19 +233,16 @@ class LoraGroup:
                         for m, (start, rank) in enumerate(zip(starts, ranks, strict=True))]  # fmt: skip
 
     def factors(self, members: Members, name: str) -> Factors:
-        """Adapter ``name``'s `Factors` in ``members``. Without autograd they are kept (for the
-        `KEPT_FACTORS` adapters used last) until the adapter's parameters change (written in place,
-        moved or stepped by an optimizer: `flora.methods.slot_tables.written_versions`; replaced or
-        removed: `forget`), unless the adapters are read-only (`AdapterModel.adapters_read_only`), so
-        that a new batch only indexes them."""
+        """Adapter ``name``'s `Factors` in ``members``. With read-only adapters (a server's:
+        `AdapterModel.adapters_read_only`) and without autograd they are kept for the `KEPT_FACTORS`
+        adapters used last, until replaced or removed (`forget`), so that a new batch only indexes
+        them; otherwise they are gathered per batch, which reads the weights as they are then."""
         held = members.member_factors(name)
-        grad = torch.is_grad_enabled()
-        kept = None if grad else self._factors.get(name)
-        read_only = members.banks[0].runtime.read_only
-        versions = () if read_only else written_versions(t for f in held if f is not None for t in f[:2])
-        if kept is not None and kept[1] == versions and len(kept[0].b_parts) == len(held):
+        keep = members.banks[0].runtime.read_only and not torch.is_grad_enabled()
+        kept = self._factors.get(name) if keep else None
+        if kept is not None and len(kept.b_parts) == len(held):
             self._factors.move_to_end(name)
-            return kept[0]
+            return kept
         like = next(f[0] for f in held if f is not None)
         a_parts, b_parts, start = [], [], 0
         for bank, f in zip(members.banks, held, strict=True):
@@ -254,8 +251,8 @@ class LoraGroup:
             b_parts.append((start, start + a.shape[0], (b * scaling).T.contiguous()))
             start += a.shape[0]
         factors = Factors(a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts), b_parts)
-        if not grad:
-            self._factors[name] = (factors, versions)
+        if keep:
+            self._factors[name] = factors
             if len(self._factors) > KEPT_FACTORS:
                 self._factors.popitem(last=False)
         return factors

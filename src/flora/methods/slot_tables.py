@@ -11,7 +11,7 @@ and ``B_mᵀ`` (``[r_m, out_m]``) in their first ``r_m`` rows and zeros after th
 row whose adapter does not adapt ``m``), so every row computes exactly its own
 ``s_m (x A_mᵀ) B_mᵀ``. A server's batch changes by a row or two from one step to the next
 (`flora.serve.engine` keeps its rows in their slots), so the tables outlive a batch and a batch
-writes only the slots whose adapter changed.
+writes only the slots whose adapter changed (every slot, unless the adapters are read-only).
 
 Which slots changed is the same for every group, so one `SlotTables` serves them all (a model's
 `flora.methods.batch.AdapterRuntime` has one for one-token rows and one for prompts, so that a
@@ -28,16 +28,12 @@ another dtype than the adapters (bfloat16: half the bytes a decoding step reads)
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 SLOT_STEP = 8
-KEPT_SOURCES = 256  # adapters whose gathered factors a group's tables keep (read-only adapters)
 
 MemberFactors = tuple[Tensor, Tensor, float]  # one member's ``A [r, in]``, ``B [out, r]`` and scaling ``s``
 # A group's tables' layout: its members (by id), their ranks in the batch, the tables' dtype and device.
@@ -58,29 +54,16 @@ class TableSource(Protocol):
         """Adapter ``name``'s factors in each member (``None`` where it does not adapt that member)."""
 
 
-class _Sources(NamedTuple):
-    """Adapter ``name``'s factors as a slot takes them, for the members it adapts: their ranks
-    ``r_m`` (0 where it does not adapt a member), ``A_m`` with ``s_m``, and ``B_mᵀ``."""
-
-    ranks: tuple[int, ...]
-    a: list[Tensor]
-    scalings: list[float]
-    b_t: list[Tensor]
-
-
-class _Destinations(NamedTuple):
-    """Slot ``r``'s views for an adapter of member ranks ``r_m``: where ``s_m A_m`` and ``B_mᵀ`` go,
-    and the padding past ``r_m`` (zeros)."""
-
-    a: list[Tensor]
-    b: list[Tensor]
-    zeroed: list[Tensor]
+# Adapter ``name``'s factors as a slot takes them: its rank ``r_m`` in each member (0 where it does not
+# adapt one), then for the members it adapts ``A_m``, ``s_m`` and ``B_mᵀ``.
+Sources = tuple[tuple[int, ...], list[Tensor], list[float], list[Tensor]]
+# Slot ``r``'s views for an adapter of ranks ``r_m``: where ``s_m A_m`` and ``B_mᵀ`` go, and the padding.
+Destinations = tuple[list[Tensor], list[Tensor], list[Tensor]]
+_NO_ADAPTER: Sources = ((), [], [], [])
 
 
 class GroupTables:
-    """One LoRA group's tables for one layout (its members' ranks), ``slots`` rows each. The views a
-    slot is written through are made once per slot and adapter ranks; with read-only adapters, each
-    adapter's factors are gathered once (for the `KEPT_SOURCES` adapters written last)."""
+    """One LoRA group's tables for one layout (its members' ranks), ``slots`` rows each."""
 
     def __init__(self, slots: int, source: TableSource, ranks: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> None:  # fmt: skip
@@ -92,12 +75,12 @@ class GroupTables:
         self.starts = [sum(ranks[:m]) for m in range(len(ranks))]
         self.used = 0  # the count of the last batch that read these tables (`SlotTables.count`)
         self._views: dict[int, Views] = {}
-        self._destinations: dict[tuple[int, tuple[int, ...]], _Destinations] = {}
-        self._sources: OrderedDict[str, _Sources] = OrderedDict()
+        self._destinations: dict[tuple[int, tuple[int, ...]], Destinations] = {}
+        self._sources: dict[str, Sources] = {}
 
     def fits(self, name: str, keep: bool = False) -> bool:
         """Whether adapter ``name``'s factors fit these tables (no member's rank above theirs)."""
-        ranks = self._sources_of(name, keep).ranks
+        ranks = self._sources_of(name, keep)[0]
         return all(r_m <= rank for r_m, rank in zip(ranks, self.ranks, strict=True))
 
     def forget(self, name: str) -> None:
@@ -106,47 +89,32 @@ class GroupTables:
     def collect(self, r: int, name: str | None, writes: SlotWrites, keep: bool = False) -> None:
         """Add what makes slot ``r`` hold adapter ``name`` (zeros for ``None``) to ``writes``; ``keep``:
         the adapters are read-only, so their gathered factors may be kept."""
-        sources = self._NONE if name is None else self._sources_of(name, keep)
-        destinations = self._destinations.get((r, sources.ranks))
-        if destinations is None:
-            destinations = self._destinations[r, sources.ranks] = self._slot_views(r, sources.ranks)
-        writes.add(destinations, sources)
+        sources = _NO_ADAPTER if name is None else self._sources_of(name, keep)
+        key = (r, sources[0])
+        if key not in self._destinations:
+            self._destinations[key] = self._slot_views(r, sources[0] or (0,) * len(self.ranks))
+        writes.add(self._destinations[key], sources)
 
-    _NONE = _Sources((), [], [], [])
-
-    def _sources_of(self, name: str, keep: bool) -> _Sources:
-        """Adapter ``name``'s `_Sources`, kept for the next time if ``keep``."""
-        sources = self._sources.get(name) if keep else None
-        if sources is not None:
-            self._sources.move_to_end(name)
-            return sources
-        sources = self._gather(name)
+    def _sources_of(self, name: str, keep: bool) -> Sources:
+        if keep and name in self._sources:  # kept until the adapter leaves the model (`forget`)
+            return self._sources[name]
+        held = self.source.member_factors(name)
+        # Detached views: a kept one holds no autograd history (and the model stays deep-copyable).
+        sources = (tuple(0 if f is None else f[0].shape[0] for f in held), [f[0].detach() for f in held if f],
+                   [f[2] for f in held if f], [f[1].detach().T for f in held if f])  # fmt: skip
         if keep:
             self._sources[name] = sources
-            if len(self._sources) > KEPT_SOURCES:
-                self._sources.popitem(last=False)
         return sources
 
-    def _gather(self, name: str) -> _Sources:
-        ranks, a, scalings, b_t = [], [], [], []
-        for member in self.source.member_factors(name):
-            ranks.append(0 if member is None else member[0].shape[0])
-            if member is not None:
-                a.append(member[0].detach())  # kept views: no autograd history to hold (or to deep-copy)
-                b_t.append(member[1].detach().T)
-                scalings.append(member[2])
-        return _Sources(tuple(ranks), a, scalings, b_t)
-
-    def _slot_views(self, r: int, ranks: tuple[int, ...]) -> _Destinations:
-        views = _Destinations([], [], [])
-        for start, rank, b, r_m in zip(self.starts, self.ranks, self.bs, ranks or (0,) * len(self.ranks),
-                                       strict=True):  # fmt: skip
+    def _slot_views(self, r: int, ranks: tuple[int, ...]) -> Destinations:
+        views: Destinations = ([], [], [])
+        for start, rank, b, r_m in zip(self.starts, self.ranks, self.bs, ranks, strict=True):
             a_slot, b_slot = self.a[r, start : start + rank], b[r]
             if r_m:
-                views.a.append(a_slot[:r_m])
-                views.b.append(b_slot[:r_m])
+                views[0].append(a_slot[:r_m])
+                views[1].append(b_slot[:r_m])
             if r_m < rank:
-                views.zeroed.extend((a_slot[r_m:], b_slot[r_m:]))
+                views[2].extend((a_slot[r_m:], b_slot[r_m:]))
         return views
 
     def views(self, n: int) -> Views:
@@ -163,28 +131,23 @@ class SlotWrites:
     """The copies that write some slots of every group's tables, made in three ``_foreach`` calls."""
 
     def __init__(self) -> None:
-        self.scaled: list[Tensor] = []  # slot views that take s·A
-        self.a: list[Tensor] = []
-        self.scalings: list[float] = []
-        self.copied: list[Tensor] = []  # slot views that take Bᵀ
-        self.b_t: list[Tensor] = []
-        self.zeroed: list[Tensor] = []
+        self.scaled, self.a, self.scalings = [], [], []  # slot views that take s·A; A; s
+        self.copied, self.b_t, self.zeroed = [], [], []  # slot views that take Bᵀ; Bᵀ; padding
 
-    def add(self, destinations: _Destinations, sources: _Sources) -> None:
-        self.scaled += destinations.a
-        self.a += sources.a
-        self.scalings += sources.scalings
-        self.copied += destinations.b
-        self.b_t += sources.b_t
-        self.zeroed += destinations.zeroed
+    def add(self, destinations: Destinations, sources: Sources) -> None:
+        self.scaled += destinations[0]
+        self.copied += destinations[1]
+        self.zeroed += destinations[2]
+        self.a += sources[1]
+        self.scalings += sources[2]
+        self.b_t += sources[3]
 
     def run(self) -> None:
         if self.scaled and self.scaled[0].dtype == self.a[0].dtype:  # s·A computed in place, in the tables
             torch._foreach_copy_(self.scaled + self.copied, self.a + self.b_t)
             torch._foreach_mul_(self.scaled, self.scalings)
         elif self.scaled:  # s·A rounded once to the tables' dtype
-            scaled = torch._foreach_mul(self.a, self.scalings)
-            torch._foreach_copy_(self.scaled + self.copied, [*scaled, *self.b_t])
+            torch._foreach_copy_(self.scaled + self.copied, [*torch._foreach_mul(self.a, self.scalings), *self.b_t])
         if self.zeroed:
             torch._foreach_zero_(self.zeroed)
 
@@ -193,15 +156,14 @@ class SlotTables:
     """Every LoRA group's per-row tables for one kind of input (see the module docstring).
 
     ``names[r]``: the adapter whose factors slot ``r`` of every group's tables holds (``None``:
-    zeros), and ``versions[r]`` those factors' versions when written, compared with the adapter's
-    current ones when the adapters may change in place (not read-only). ``count`` counts the
-    batches that wrote."""
+    zeros); kept across routings only for read-only adapters (a server's: they change only by being
+    replaced or removed, `forget`), while adapters that may be trained are written again for each
+    routing, which then reads their weights as they are. ``count`` counts the batches that wrote."""
 
     def __init__(self) -> None:
         self.groups: dict[TableKey, GroupTables] = {}
         self.slots = 0
         self.names: list[object] = []
-        self.versions: list[tuple | None] = []
         self.owner: tuple[str | None, ...] | None = None
         self.count = 0
 
@@ -228,14 +190,11 @@ class SlotTables:
         self.owner = names
         if len(names) > self.slots:  # grow: every group's tables are made again when next asked for
             self.slots = -(-len(names) // SLOT_STEP) * SLOT_STEP
-            self.names, self.versions = [_UNWRITTEN] * self.slots, [None] * self.slots
+            self.names = [_UNWRITTEN] * self.slots
             self.groups.clear()
-        changed = []
-        for r, name in enumerate(names):
-            versions = None if read_only or name is None else self._versions(name)
-            if name != self.names[r] or versions != self.versions[r]:
-                changed.append(r)
-                self.names[r], self.versions[r] = name, versions
+        # Adapters that may have been written since (not read-only: trained) are written again.
+        changed = [r for r, name in enumerate(names) if name != self.names[r] or not read_only]
+        self.names[: len(names)] = names
         # Groups this batch has no use for go: those the last batch did not read (another layout took
         # their place), and those too small for an adapter it brings (a member's rank grew).
         brought = {names[r] for r in changed} - {None}
@@ -259,29 +218,3 @@ class SlotTables:
         self.names[len(names) :] = [_UNWRITTEN] * (self.slots - len(names))
         self.groups[key] = group
         return group
-
-    def _versions(self, name: str) -> tuple:
-        """`written_versions` of adapter ``name``'s factors."""
-        return written_versions(t for group in self.groups.values()
-                                for f in group.source.member_factors(name) if f is not None for t in f[:2])  # fmt: skip
-
-
-class _OptimizerSteps:
-    """The optimizer steps taken in this process (a hook on every ``torch.optim.Optimizer.step``)."""
-
-    count = 0
-
-    @classmethod
-    def after_step(cls, optimizer, args, kwargs) -> None:
-        cls.count += 1
-
-
-register_optimizer_step_post_hook(_OptimizerSteps.after_step)
-
-
-def written_versions(tensors: Iterable[Tensor]) -> tuple:
-    """What changes when one of ``tensors`` is written: in place (its version counter), given new
-    storage (``module.to(dtype)`` swaps a parameter's data without counting a version), or by an
-    optimizer step (fused optimizers, transformers' default ``adamw_torch_fused`` among them, write
-    parameters without counting versions)."""
-    return (_OptimizerSteps.count, *((t._version, t.data_ptr()) for t in tensors))

@@ -125,9 +125,9 @@ class AdapterModel(nn.Module):
     @property
     def adapters_read_only(self) -> bool:
         """A promise that adapter parameters are never written in place, only added, replaced or
-        deleted (as in a server). What flora derives from them and keeps between batches (LoRA's
-        per-row tables) is then reused without reading every parameter's version counter on each new
-        batch composition. Default ``False``: in-place updates (an optimizer step) are seen."""
+        deleted (as in a server). What flora derives from them (LoRA's per-row tables and stacked
+        factors) is then kept between batches. Default ``False``: it is derived again for each new
+        batch, which reads the weights as they are (after an optimizer step, fused or not)."""
         return self.runtime.read_only
 
     @adapters_read_only.setter
@@ -235,15 +235,10 @@ class AdapterModel(nn.Module):
     def save_adapter(self, adapter_name: str, path: str | os.PathLike) -> Path:
         """Write ``adapter_name`` in Hugging Face PEFT's format (loadable by ``PeftModel.from_pretrained``)."""
         config = self._config_of(adapter_name)
-        tensors = {
-            f"{KEY_PREFIX}{module}.{param}": tensor
-            for module, layer in self._adapted_layers()
-            for bank in layer.banks.values()
-            if bank.holds(adapter_name)
-            for param, tensor in bank.adapter_state(adapter_name).items()
-        }
         if self.virtual_tokens.holds(adapter_name):  # PEFT's key, without a module prefix
             tensors = self.virtual_tokens.adapter_state(adapter_name)
+        else:
+            tensors = {KEY_PREFIX + key: tensor for key, tensor in self.adapter_parameters(adapter_name).items()}
         data = config.to_peft_dict()
         data["base_model_name_or_path"] = config.base_model_name_or_path or getattr(
             self.base_model.config, "_name_or_path", None
