@@ -98,12 +98,13 @@ def served(tmp_path_factory, tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def app(served, tmp_path_factory):
     pytest.importorskip("ray.serve")
-    port, log = _free_port(), tmp_path_factory.mktemp("ray-log") / "serve.log"
+    port, log = _free_port(), tmp_path_factory.mktemp("ray-log") / "serve.log"  # the autotuner's file beside it
     command = [sys.executable, "-m", "flora", "serve", "--model", str(served["model"]), "--served-model-name", "tiny",
                "--dtype", "float64", "--adapter-dir", str(served["adapters"]), "--max-model-len", str(MAX_MODEL_LEN),
                "--max-num-seqs", "8", "--enable-runtime-lora-updating", "--allowed-adapter-paths",
                str(served["runtime"]), "--api-key", KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES),
-               "--replicas", "2", "--num-cpus-per-replica", "0.5", "--port", str(port)]  # fmt: skip
+               "--replicas", "2", "--num-cpus-per-replica", "0.5", "--port", str(port),
+               "--autotune-cache", str(log.parent / "autotune.json")]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + START_TIMEOUT_S
@@ -436,7 +437,8 @@ def test_the_kuberay_example_builds_its_application():
 def test_a_replica_that_cannot_start_stops_the_start_naming_why(served, tmp_path):
     command = [sys.executable, "-m", "flora", "serve", "--model", str(served["model"]), "--dtype", "float64",
                "--adapter", f"big={served['adapters'] / 'lora4'}", "--adapter-memory-mb", "0.0001",
-               "--replicas", "2", "--num-cpus-per-replica", "0.5", "--port", str(_free_port())]  # fmt: skip
+               "--replicas", "2", "--num-cpus-per-replica", "0.5", "--port", str(_free_port()),
+               "--autotune-cache", "none"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
     assert done.returncode == 2
     assert "flora: error: the application did not start: FloraReplica: ValueError: --adapter big=" in done.stderr
