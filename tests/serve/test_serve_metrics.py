@@ -93,6 +93,12 @@ def test_vllm_names_with_model_name_and_adapter_labels(vllm_named, tokenizer):
     assert value("vllm:time_to_first_token_seconds_count", **lora) == 2
     assert value("vllm:inter_token_latency_seconds_count", **lora) == 8  # 4 gaps in each of 2 requests
     assert value("vllm:e2e_request_latency_seconds_count", **lora) == 2
+    assert value("vllm:request_queue_time_seconds_count", **lora) == 2
+    assert (
+        0
+        <= value("vllm:request_queue_time_seconds_sum", **lora)
+        < value("vllm:e2e_request_latency_seconds_sum", **lora)
+    )
     # the old name and the token-count histograms: the model's only, as vLLM's
     assert value("vllm:time_per_output_token_seconds_count") == 8 + 2
     assert value("vllm:request_prompt_tokens_sum") == 3 * prompt
@@ -101,6 +107,7 @@ def test_vllm_names_with_model_name_and_adapter_labels(vllm_named, tokenizer):
     assert value("vllm:request_generation_tokens_bucket", le="5.0") == 3
     for name, buckets in [
         ("e2e_request_latency_seconds", REQUEST_LATENCY_BUCKETS),
+        ("request_queue_time_seconds", REQUEST_LATENCY_BUCKETS),
         ("time_to_first_token_seconds", TTFT_BUCKETS),
         ("inter_token_latency_seconds", TOKEN_LATENCY_BUCKETS),
     ]:  # vLLM's buckets

@@ -281,6 +281,9 @@ class Engine:
                     self._finish(request, aborts[request.id])
             self._keep([row for row, r in enumerate(self.running) if r.id not in aborts])
         admitted = self._admit()
+        now = time.monotonic()
+        for request in admitted:
+            self.metrics.admitted(request, now)
         for scoring in (False, True):  # prompts whose every position's logits are kept forward apart
             kind = [r for r in admitted if (r.params.prompt_logprobs is not None) is scoring]
             for group in prefill_groups(kind, PROMPT_LOGITS_TOKENS // self._vocabulary if scoring else None):

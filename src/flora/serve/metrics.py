@@ -10,7 +10,9 @@ served base model's name). vLLM's series (`vllm/v1/metrics/loggers.py`):
   (label ``finished_reason``: ``stop``, ``length``, ``abort``, ``error``);
 - histograms ``time_to_first_token_seconds``, ``inter_token_latency_seconds`` (and its old name
   ``time_per_output_token_seconds``, the same observations), ``e2e_request_latency_seconds``,
-  ``request_prompt_tokens``, ``request_generation_tokens`` (token counts), with vLLM's buckets.
+  ``request_queue_time_seconds`` (from arrival to admission into the batch: waiting for room and
+  for the adapter's read), ``request_prompt_tokens``, ``request_generation_tokens`` (token
+  counts), with vLLM's buckets.
 
 The token counters, ``request_success_total`` and the latency histograms (but the old name) also
 carry ``adapter`` (the request's adapter, `BASE_LABEL` for the base model), which vLLM's have not: a
@@ -69,6 +71,7 @@ class _AdapterSeries:
     time_to_first_token: Histogram
     inter_token_latency: Histogram
     e2e_latency: Histogram
+    queue_time: Histogram
 
 
 class ServerMetrics:
@@ -122,6 +125,8 @@ class ServerMetrics:
                                              TOKEN_LATENCY_BUCKETS),
             "e2e_latency": histogram("e2e_request_latency_seconds", "Time from arrival to the end.",
                                      REQUEST_LATENCY_BUCKETS),
+            "queue_time": histogram("request_queue_time_seconds", "Time from arrival to admission into the batch.",
+                                    REQUEST_LATENCY_BUCKETS),
         }  # fmt: skip
         self.time_per_output_token = histogram(
             "time_per_output_token_seconds", "Time between two tokens of a request (inter_token_latency's old name).",
@@ -174,6 +179,10 @@ class ServerMetrics:
             if total > self._seen[key]:
                 counter.inc(total - self._seen[key])
                 self._seen[key] = total
+
+    def admitted(self, request: EngineRequest, now: float) -> None:
+        """``request`` joined the batch at ``now`` (``time.monotonic``)."""
+        self.series(request.adapter_name).queue_time.observe(now - request.arrival)
 
     def prompt_tokens(self, request: EngineRequest) -> None:
         """``request``'s prompt was processed (prefilled)."""
