@@ -22,8 +22,8 @@ adapters' factors into every group's slots, one ``_foreach_mul`` for the scaling
 views are made once (per adapter ranks), and read-only adapters' factors are gathered once. A
 group seen for the first time (or with other ranks or dtype) gets tables of its own, written for
 every row of the batch that asks, and is dropped when a batch passes without asking for it. The
-storage grows in steps of 8 slots and is kept at the largest batch seen. Tables may be kept in
-another dtype than the adapters (bfloat16: half the bytes a decoding step reads).
+storage grows in steps of 8 slots, kept at the largest batch seen, in the adapters' dtype or
+another (bfloat16: half the bytes a decoding step reads).
 """
 
 from __future__ import annotations
@@ -135,12 +135,9 @@ class SlotWrites:
         self.copied, self.b_t, self.zeroed = [], [], []  # slot views that take Bᵀ; Bᵀ; padding
 
     def add(self, destinations: Destinations, sources: Sources) -> None:
-        self.scaled += destinations[0]
-        self.copied += destinations[1]
-        self.zeroed += destinations[2]
-        self.a += sources[1]
-        self.scalings += sources[2]
-        self.b_t += sources[3]
+        for writes, more in zip((self.scaled, self.copied, self.zeroed, self.a, self.scalings, self.b_t),
+                                (*destinations, *sources[1:]), strict=True):  # fmt: skip
+            writes += more
 
     def run(self) -> None:
         if self.scaled and self.scaled[0].dtype == self.a[0].dtype:  # s·A computed in place, in the tables

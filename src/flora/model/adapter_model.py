@@ -82,7 +82,7 @@ class AdapterModel(nn.Module):
             parameter.requires_grad_(False)
         self.virtual_tokens = VirtualTokens()
         # Every Linear/Conv1D of the base model by name, in module order: the layer, or the `AdaptedLayer`
-        # wrapping it. Found by one walk when adapters are added or deleted (`_adaptable_modules`) and
+        # wrapping it. Found by one walk when adapters are added or deleted (`_find_layers`) and
         # kept up to date by `_wrap` and `_uninstall`, so that the rest of an install or a delete (a
         # server's LRU) walks no module tree.
         self._layers: dict[str, nn.Module] = self._find_layers()
@@ -159,11 +159,13 @@ class AdapterModel(nn.Module):
         if isinstance(config, PromptLearningConfig):
             self._install_virtual(adapter_name, config, None)
             return
-        targets = [name for name, _ in self._adaptable_modules() if config.targets(name, self._is_output(name))]
+        layers = self._find_layers()  # afresh: the base model's layers may have been replaced since
+        targets = [name for name in layers if config.targets(name, self._is_output(name))]
         if not targets:
+            leaves = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers})[:12])
             raise ValueError(
                 f"adapter {adapter_name!r}: target_modules={config.target_modules!r} matches no Linear or "
-                f"Conv1D layer of the base model (e.g. {self._example_layer_names()})"
+                f"Conv1D layer of the base model (e.g. {leaves})"
             )
         self._install(adapter_name, config, {name: None for name in targets})
 
@@ -378,10 +380,6 @@ class AdapterModel(nn.Module):
         last batch of the same shape serves this one (`flora.methods.batch.AdapterRuntime.shape`)."""
         return self._batch(self._names(adapter_names, len(adapter_names)), carry)
 
-    def adapter_nbytes(self, adapter_name: str) -> int:
-        """Bytes held by ``adapter_name``'s tensors."""
-        return sum(t.numel() * t.element_size() for t in self.adapter_parameters(adapter_name).values())
-
     def _routed_call(self, adapter_names: Sequence[str | None] | None, rows: int):
         """The batch of one call: `routed`'s batch when the call names no adapters inside it, else one of
         its own (``adapter_names``, or `set_adapter`'s adapter for every row)."""
@@ -496,11 +494,6 @@ class AdapterModel(nn.Module):
     def _adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
         return ((name, layer) for name, layer in self._layers.items() if isinstance(layer, AdaptedLayer))
 
-    def _adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """Every Linear/Conv1D of the base model (wrapped or not), by its name in the base model, found
-        afresh: its layers may have been replaced since (`_layers`)."""
-        return iter(self._find_layers().items())
-
     def _find_layers(self) -> dict[str, nn.Module]:
         """`_layers` found afresh by walking the base model (not into the layers: an `AdaptedLayer` holds
         its banks' many modules), in module order, each module once (as ``named_modules``)."""
@@ -523,11 +516,6 @@ class AdapterModel(nn.Module):
         output = self.base_model.get_output_embeddings()
         module = self._layers[name]
         return output is not None and (module is output or getattr(module, "base_layer", None) is output)
-
-    def _example_layer_names(self) -> str:
-        names = [name for name, _ in self._adaptable_modules()]
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        return ", ".join(leaves[:12])
 
 
 def _batch_size(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> int:
