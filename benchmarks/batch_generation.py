@@ -16,8 +16,12 @@ round so that machine noise hits every system alike:
 
 Every record has ``tokens_per_s`` (median over rounds) and ``ratio_to_base``: each timed call
 follows a call of the bare model in the same phase, and the ratio is the median of those pairs
-(`harness.measure`). ``--sweeps none`` leaves out the rank and phase sweeps; ``--device cuda --dtype
-bfloat16`` runs on a GPU; ``--model random:smollm2-135m`` needs no weights. Usage:
+(`harness.measure`). Whether ``auto`` picks as well as the best fixed strategy is then measured head
+to head (``--head-to-head-rounds``): at each adapter count, every fixed strategy within 10 % of the
+best is timed right after a call of ``auto`` (``"sweep": "head_to_head"``, ``ratio_to_auto``): two
+ratios to the base model, each with its own noise, cannot resolve the 2 % this asks. ``--sweeps
+none`` leaves out the rank and phase sweeps; ``--device cuda --dtype bfloat16`` runs on a GPU;
+``--model random:smollm2-135m`` needs no weights. Usage:
 
     python benchmarks/batch_generation.py --json out.json
 """
@@ -49,6 +53,8 @@ def main() -> None:
     parser.add_argument("--flora-ranks", default="1,2,4,8")
     parser.add_argument("--decode-steps", type=int, default=8, help="one-token steps per decode-phase measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--head-to-head-rounds", type=int, default=10,
+                        help="rounds of auto against each fixed strategy near the best (0: none)")  # fmt: skip
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT baselines")
     parser.add_argument("--sweeps", choices=("all", "none"), default="all", help="the rank and phase sweeps")
     add_device_options(parser)
@@ -166,15 +172,12 @@ def main() -> None:
         if case.record["system"] != "base":
             case.reference = bases[case.record.get("phase")]
     measure(cases, args.rounds)
-
     generated = args.rows * args.new_tokens
-    records = []
-    for case in cases:
-        tokens = case.record.pop("tokens", generated)
-        ratio = 1.0 if case.reference is None else case.ratio_to_reference
-        records.append({**case.record, "tokens_per_s": round(tokens / case.median_s, 2),
-                        "ratio_to_base": round(ratio, 4), "paired_ratios": [round(r, 4) for r in case.ratios],
-                        "seconds": [round(s, 4) for s in case.seconds]})  # fmt: skip
+    records = [record_of(case, generated, "ratio_to_base") for case in cases]
+    if args.head_to_head_rounds:
+        duels = head_to_head(list(zip(records, cases, strict=True)))
+        measure(duels, args.head_to_head_rounds)
+        records += [record_of(case, generated, "ratio_to_auto") for case in duels if case.reference is not None]
     summary = summarize(records, most)
     print_table(records, summary)
     if args.json:
@@ -185,6 +188,33 @@ def main() -> None:
             "machine": machine(args.device), "records": records, "summary": summary,
         }  # fmt: skip
         write_json(args.json, result)
+
+
+def record_of(case: Case, generated: int, ratio_name: str) -> dict:
+    """``case``'s JSON record: tokens/s (median over rounds) and its median paired ratio, named ``ratio_name``."""
+    tokens = case.record.get("tokens", generated)
+    ratio = 1.0 if case.reference is None else case.ratio_to_reference
+    record = {k: v for k, v in case.record.items() if k != "tokens"}
+    return {**record, "tokens_per_s": round(tokens / case.median_s, 2), ratio_name: round(ratio, 4),
+            "paired_ratios": [round(r, 4) for r in case.ratios],
+            "seconds": [round(s, 4) for s in case.seconds]}  # fmt: skip
+
+
+def head_to_head(measured: list[tuple[dict, Case]]) -> list[Case]:
+    """New cases timing ``auto`` against each fixed strategy within 10 % of the best one (by the ratios to
+    the base model of the ``measured`` records), at each adapter count: every fixed call right after an
+    ``auto`` call, so their ratio is ``auto seconds / fixed seconds`` per pair."""
+    duels = []
+    generate = [(r, case) for r, case in measured if r["system"] == "flora" and "sweep" not in r]
+    for distinct in sorted({r["distinct_adapters"] for r, _ in generate}):
+        at = [(r, case) for r, case in generate if r["distinct_adapters"] == distinct]
+        best = max(r["ratio_to_base"] for r, _ in at if r["strategy"] != "auto")
+        auto = next(case for r, case in at if r["strategy"] == "auto")
+        reference = Case({**auto.record, "sweep": "head_to_head"}, auto.run)
+        duels.append(reference)
+        duels += [Case({**case.record, "sweep": "head_to_head"}, case.run, reference=reference)
+                  for r, case in at if r["strategy"] != "auto" and r["ratio_to_base"] >= 0.9 * best]  # fmt: skip
+    return duels
 
 
 def prefill_run(forward, routed, ids, mask):
@@ -266,6 +296,13 @@ def summarize(records: list[dict], most: int) -> dict:
                "best_fixed_strategy": {d: (r["strategy"], r["ratio_to_base"]) for d, r in fixed.items()},
                "auto_over_best_fixed": {d: round(auto[d] / r["ratio_to_base"], 4) for d, r in fixed.items()},
                }  # fmt: skip
+    duels = [r for r in records if r.get("sweep") == "head_to_head"]
+    if duels:  # auto's speed over the fastest fixed strategy's, from pairs (1 / the largest fixed / auto)
+        summary["auto_over_best_fixed_head_to_head"] = {
+            d: {"strategy": best["strategy"], "auto_over_best": round(1 / best["ratio_to_auto"], 4)}
+            for d in auto
+            if (best := max((r for r in duels if r["distinct_adapters"] == d), key=lambda r: r["ratio_to_auto"]))
+        }  # fmt: skip
     peft = [r for r in records if r["system"] == "peft_mixed" and r["distinct_adapters"] == most]
     if peft:
         flora_tps = find(system="flora", strategy="auto", distinct_adapters=most)["tokens_per_s"]
@@ -278,14 +315,15 @@ def summarize(records: list[dict], most: int) -> dict:
 
 
 def print_table(records: list[dict], summary: dict) -> None:
+    """Every record; a head-to-head one's ratio is to ``auto`` (``x auto``), the others' to the base model."""
     header = (f"{'system':<16}{'method':<7}{'strategy':<10}{'phase':<9}{'distinct':>9}{'rank':>6}{'tokens/s':>11}"
-              f"{'x base':>9}")  # fmt: skip
+              f"{'ratio':>15}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for r in records:
+        ratio = f"{r['ratio_to_auto']:.3f} x auto" if "ratio_to_auto" in r else f"{r['ratio_to_base']:.3f} x base"
         print(f"{r['system']:<16}{r['method'] or '-':<7}{r['strategy'] or '-':<10}{r.get('phase', 'generate'):<9}"
-              f"{r['distinct_adapters']:>9}{r['rank'] or '-':>6}{r['tokens_per_s']:>11.1f}"
-              f"{r['ratio_to_base']:>9.3f}")  # fmt: skip
+              f"{r['distinct_adapters']:>9}{r['rank'] or '-':>6}{r['tokens_per_s']:>11.1f}{ratio:>15}")  # fmt: skip
     print(summary)
 
 

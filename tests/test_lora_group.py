@@ -111,6 +111,24 @@ def test_generation_decodes_with_the_group_as_each_row_alone():
         assert torch.equal(together[row], alone[0])
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_generate_writes_the_row_tables_once_for_its_prompts_and_steps(read_only):
+    """`generate`'s one-token steps read the tables its prompts wrote (`flora.methods.slot_tables`), so a
+    routing writes its rows once, not twice; its tokens stay each row's own."""
+    model = _model()
+    model.strategy, model.adapters_read_only = "bmm", read_only
+    one_token, prompts = model.runtime.tables
+    ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(3))
+    for names in (["r4", "r2", "r6"], ["r6", None, "r4"]):
+        writes = prompts.count
+        together = model.generate(ids, adapter_names=names, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert (prompts.count - writes, one_token.count) == (1, 0)
+        for row, name in enumerate(names):
+            alone = model.generate(ids[row : row + 1], adapter_names=[name], max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False)  # fmt: skip
+            assert torch.equal(together[row], alone[0])
+
+
 def test_kept_row_factors_follow_weight_updates_reloads_and_removals(tmp_path):
     """`bmm` keeps each adapter's row of the per-row tables across routings; an in-place update (an
     optimizer step), an adapter loaded again under the same name, and a removal must all be seen."""

@@ -173,7 +173,10 @@ class LoraGroup:
         def kernel(batch: AdapterBatch, x: Tensor) -> list[Tensor]:
             if torch.is_grad_enabled():
                 return lowrank_bmm(x, *self._stacked_rows(members, keys(batch)[1], batch))
-            tables = runtime.tables[x.shape[1] != 1]  # one-token rows, or prompts
+            # Prompts have tables of their own, so that a server's prefills keep its running rows' tables;
+            # a batch whose prompts wrote them (`generate`) reads them for its one-token steps too.
+            one_token, prompts = runtime.tables
+            tables = prompts if x.shape[1] != 1 or prompts.owner is batch.names else one_token
             a_rows, b_rows = tables.views(batch.names, keys(batch), members, runtime.read_only)
             if dtype is x.dtype:
                 return lowrank_bmm(x, a_rows, b_rows)

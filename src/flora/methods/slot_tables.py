@@ -15,15 +15,16 @@ writes only the slots whose adapter changed (every slot, unless the adapters are
 
 Which slots changed is the same for every group, so one `SlotTables` serves them all (a model's
 `flora.methods.batch.AdapterRuntime` has one for one-token rows and one for prompts, so that a
-server's prefills do not overwrite its running rows). The first group to ask for a new batch's
+server's prefills do not overwrite its running rows; a batch's one-token steps read the prompts'
+tables where its own prompts wrote them, as in `generate`). The first group to ask for a new batch's
 tables writes the changed slots of every group's tables: one ``torch._foreach_copy_`` of the
 adapters' factors into every group's slots, one ``_foreach_mul`` for the scalings and one
 ``_foreach_zero_`` for the padding. The Python side of a write is list concatenation: each slot's
-views are made once (per adapter ranks), and read-only adapters' factors are gathered once. A
-group seen for the first time (or with other ranks or dtype) gets tables of its own, written for
-every row of the batch that asks, and is dropped when a batch passes without asking for it. The
-storage grows in steps of 8 slots, kept at the largest batch seen, in the adapters' dtype or
-another (bfloat16: half the bytes a decoding step reads).
+views are made once (per adapter ranks), and each adapter's factors gathered once per write (a
+read-only adapter's, once until it leaves). A group seen for the first time (or with other ranks
+or dtype) gets tables of its own, written for every row of the batch that asks, and is dropped
+when a batch passes without asking for it. The storage grows in steps of 8 slots, kept at the
+largest batch seen, in the adapters' dtype or another (bfloat16: half the bytes a step reads).
 """
 
 from __future__ import annotations
@@ -78,32 +79,35 @@ class GroupTables:
         self._destinations: dict[tuple[int, tuple[int, ...]], Destinations] = {}
         self._sources: dict[str, Sources] = {}
 
-    def fits(self, name: str, keep: bool = False) -> bool:
+    def fits(self, name: str) -> bool:
         """Whether adapter ``name``'s factors fit these tables (no member's rank above theirs)."""
-        ranks = self._sources_of(name, keep)[0]
+        ranks = self._sources_of(name)[0]
         return all(r_m <= rank for r_m, rank in zip(ranks, self.ranks, strict=True))
 
-    def forget(self, name: str) -> None:
-        self._sources.pop(name, None)
+    def forget(self, name: str | None = None) -> None:
+        """Gather adapter ``name``'s factors (every adapter's: ``None``) again when next written."""
+        if name is None:
+            self._sources.clear()
+        else:
+            self._sources.pop(name, None)
 
-    def collect(self, r: int, name: str | None, writes: SlotWrites, keep: bool = False) -> None:
-        """Add what makes slot ``r`` hold adapter ``name`` (zeros for ``None``) to ``writes``; ``keep``:
-        the adapters are read-only, so their gathered factors may be kept."""
-        sources = _NO_ADAPTER if name is None else self._sources_of(name, keep)
+    def collect(self, r: int, name: str | None, writes: SlotWrites) -> None:
+        """Add what makes slot ``r`` hold adapter ``name`` (zeros for ``None``) to ``writes``."""
+        sources = _NO_ADAPTER if name is None else self._sources_of(name)
         key = (r, sources[0])
         if key not in self._destinations:
             self._destinations[key] = self._slot_views(r, sources[0] or (0,) * len(self.ranks))
         writes.add(self._destinations[key], sources)
 
-    def _sources_of(self, name: str, keep: bool) -> Sources:
-        if keep and name in self._sources:  # kept until the adapter leaves the model (`forget`)
-            return self._sources[name]
-        held = self.source.member_factors(name)
-        # Detached views: a kept one holds no autograd history (and the model stays deep-copyable).
-        sources = (tuple(0 if f is None else f[0].shape[0] for f in held), [f[0].detach() for f in held if f],
-                   [f[2] for f in held if f], [f[1].detach().T for f in held if f])  # fmt: skip
-        if keep:
-            self._sources[name] = sources
+    def _sources_of(self, name: str) -> Sources:
+        """Adapter ``name``'s factors, gathered once until `forget` (its parameters' detached views: no
+        autograd history is kept, and the model stays deep-copyable)."""
+        sources = self._sources.get(name)
+        if sources is None:
+            held = self.source.member_factors(name)
+            sources = self._sources[name] = (
+                tuple(0 if f is None else f[0].shape[0] for f in held), [f[0].detach() for f in held if f],
+                [f[2] for f in held if f], [f[1].detach().T for f in held if f])  # fmt: skip
         return sources
 
     def _slot_views(self, r: int, ranks: tuple[int, ...]) -> Destinations:
@@ -177,7 +181,7 @@ class SlotTables:
             self._write(names, read_only)
         group = self.groups.get(key)
         if group is None:
-            group = self._add(key, source, names, read_only)
+            group = self._add(key, source, names)
         group.used = self.count
         return group.views(len(names))
 
@@ -189,28 +193,31 @@ class SlotTables:
             self.slots = -(-len(names) // SLOT_STEP) * SLOT_STEP
             self.names = [_UNWRITTEN] * self.slots
             self.groups.clear()
-        # Adapters that may have been written since (not read-only: trained) are written again.
+        # Adapters that may have been written since (not read-only: trained) are gathered and written again.
         changed = [r for r, name in enumerate(names) if name != self.names[r] or not read_only]
+        if not read_only:
+            for group in self.groups.values():
+                group.forget()
         self.names[: len(names)] = names
         # Groups this batch has no use for go: those the last batch did not read (another layout took
         # their place), and those too small for an adapter it brings (a member's rank grew).
         brought = {names[r] for r in changed} - {None}
         for key in [key for key, group in self.groups.items()
-                    if group.used < self.count - 1 or not all(group.fits(n, read_only) for n in brought)]:  # fmt: skip
+                    if group.used < self.count - 1 or not all(group.fits(n) for n in brought)]:  # fmt: skip
             del self.groups[key]
         writes = SlotWrites()
         for r in changed:
             for group in self.groups.values():
-                group.collect(r, names[r], writes, read_only)
+                group.collect(r, names[r], writes)
         writes.run()
 
-    def _add(self, key: TableKey, source: TableSource, names: tuple[str | None, ...], read_only: bool) -> GroupTables:
+    def _add(self, key: TableKey, source: TableSource, names: tuple[str | None, ...]) -> GroupTables:
         """A group's new tables, written for every row of ``names``; the slots past them are written again
         in every group when next used (this group's hold nothing yet)."""
         group = GroupTables(self.slots, source, *key[1:])
         writes = SlotWrites()
         for r, name in enumerate(names):
-            group.collect(r, name, writes, read_only)
+            group.collect(r, name, writes)
         writes.run()
         self.names[len(names) :] = [_UNWRITTEN] * (self.slots - len(names))
         self.groups[key] = group

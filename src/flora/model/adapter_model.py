@@ -65,12 +65,8 @@ class AdapterModel(nn.Module):
             A method that lacks the named strategy uses its own default (see each method).
     """
 
-    def __init__(
-        self,
-        base_model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        strategy: str = "auto",
-    ) -> None:
+    def __init__(self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
+                 strategy: str = "auto") -> None:  # fmt: skip
         super().__init__()
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -91,14 +87,8 @@ class AdapterModel(nn.Module):
         self.train(base_model.training)  # the base model's mode (eval, as `load_base` gives it), for all
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        dtype=torch.float32,
-        device="cpu",
-        allow_download: bool | None = None,
-        **kwargs,
-    ):
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=torch.float32, device="cpu",
+                        allow_download: bool | None = None, **kwargs):  # fmt: skip
         """`flora.load_base` then wrap: ``AdapterModel.from_pretrained("smollm2-135m")`` (or a directory, or a
         Hugging Face id in the local cache; ``allow_download=True`` fetches one that is not there)."""
         model, tokenizer = load_base(name_or_path, dtype=dtype, device=device, allow_download=allow_download)
@@ -309,14 +299,8 @@ class AdapterModel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        adapter_names: Sequence[str | None] | None = None,
-        **kwargs,
-    ):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, adapter_names: Sequence[str | None] | None = None, **kwargs):  # fmt: skip
         """The base model's forward (``[batch, tokens]`` in, its output with ``logits`` and, given
         ``labels``, ``loss``), each row through its own adapter ``adapter_names[i]``. ``logits`` are
         ``[batch, tokens, vocab]`` also when rows use prompt tuning (PEFT also returns the virtual
@@ -328,13 +312,8 @@ class AdapterModel(nn.Module):
             return self.virtual_tokens(self.base_model, batch, input_ids, attention_mask, kwargs)
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        adapter_names: Sequence[str | None] | None = None,
-        **kwargs,
-    ):
+    def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 adapter_names: Sequence[str | None] | None = None, **kwargs):  # fmt: skip
         """transformers' ``generate``, each row through its own adapter. Returns ``[batch, prompt + new]``."""
         if self.tokenizer is not None and "pad_token_id" not in kwargs:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
