@@ -15,10 +15,10 @@ round so that machine noise hits every system alike:
   is per phase (`docs/performance.md`).
 
 Every record has ``tokens_per_s`` (median over rounds) and ``ratio_to_base``: each timed call
-follows a call of the bare model in the same phase, and the ratio is the median of those pairs
+is paired with a call of the bare model in the same phase, and the ratio is the median of those pairs
 (`harness.measure`). Whether ``auto`` picks as well as the best fixed strategy is then measured head
 to head (``--head-to-head-rounds``): at each adapter count, every fixed strategy within 10 % of the
-best is timed right after a call of ``auto`` (``"sweep": "head_to_head"``, ``ratio_to_auto``): two
+best is timed next to a call of ``auto`` (``"sweep": "head_to_head"``, ``ratio_to_auto``): two
 ratios to the base model, each with its own noise, cannot resolve the 2 % this asks. ``--sweeps
 none`` leaves out the rank and phase sweeps; ``--device cuda --dtype bfloat16`` runs on a GPU;
 ``--model random:smollm2-135m`` needs no weights. Usage:
@@ -40,6 +40,7 @@ from peft import PeftModel
 
 from flora import AdapterModel, FloraConfig, LoraConfig, load_base
 from flora.base import CACHE_KEY
+from flora.kernels.autotune import token_bucket
 
 
 def main() -> None:
@@ -179,6 +180,7 @@ def main() -> None:
         measure(duels, args.head_to_head_rounds)
         records += [record_of(case, generated, "ratio_to_auto") for case in duels if case.reference is not None]
     summary = summarize(records, most)
+    summary["auto_choices"] = auto_choices(model, distincts)
     print_table(records, summary)
     if args.json:
         result = {
@@ -200,9 +202,23 @@ def record_of(case: Case, generated: int, ratio_name: str) -> dict:
             "seconds": [round(s, 4) for s in case.seconds]}  # fmt: skip
 
 
+def auto_choices(model: AdapterModel, distincts: list[int]) -> dict:
+    """What ``auto`` chose for LoRA at each adapter count: per strategy, how many of the autotuner's keys
+    (layer group shapes, prefill and decoding) it won; none where one adapter serves every row (that
+    path is `segmented`'s, unmeasured). Where every key went to one strategy, ``auto`` computes exactly
+    what that fixed strategy does."""
+    won: dict[int, dict[str, int]] = {d: {} for d in distincts}
+    for key, choice in model.runtime.tuner.choices.items():
+        method, _, _, _, adapters, *_ = key
+        for d in distincts:
+            if method == "lora" and adapters == token_bucket(d):
+                won[d][choice] = won[d].get(choice, 0) + 1
+    return won
+
+
 def head_to_head(measured: list[tuple[dict, Case]]) -> list[Case]:
     """New cases timing ``auto`` against each fixed strategy within 10 % of the best one (by the ratios to
-    the base model of the ``measured`` records), at each adapter count: every fixed call right after an
+    the base model of the ``measured`` records), at each adapter count: every fixed call next to an
     ``auto`` call, so their ratio is ``auto seconds / fixed seconds`` per pair."""
     duels = []
     generate = [(r, case) for r, case in measured if r["system"] == "flora" and "sweep" not in r]

@@ -2,9 +2,10 @@
 
 Every system of a run is timed round by round, interleaved (round 1 of every system, then round
 2, ...), so machine noise hits each alike; a figure is the median over rounds. A system measured
-against a reference (the bare model) is timed right after its own call of the reference, in every
-round: its ratio is the median of those paired ratios, which the minute-to-minute swings of a
-shared machine (10-20% here) move far less than a ratio of medians taken minutes apart.
+against a reference (the bare model) is timed next to its own call of the reference (before and
+after it in turn), in every round: its ratio is the median of those paired ratios, which the
+minute-to-minute swings of a shared machine (10-20% here) move far less than a ratio of medians
+taken minutes apart.
 """
 
 from __future__ import annotations
@@ -77,19 +78,22 @@ def assignment(rows: int, distinct: int, prefix: str) -> list[str]:
 
 def measure(cases: list[Case], rounds: int) -> None:
     """One warm-up call per case (it also autotunes), then ``rounds`` interleaved timed rounds. A
-    case that is another's reference is timed in those pairs (not on its own)."""
+    case that is another's reference is timed in those pairs (not on its own), first in even rounds
+    and second in odd ones: two calls of the same computation differ by a few percent by their
+    place in a pair on this machine, which the alternation cancels."""
     for case in tqdm(cases, desc="warm-up (and autotune)"):
         case.run()
     references = {id(case.reference) for case in cases if case.reference is not None}
-    for _ in tqdm(range(rounds), desc="rounds"):
+    for round_ in tqdm(range(rounds), desc="rounds"):
         for case in cases:
             if id(case) in references:
                 continue
-            if case.reference is not None:
-                reference_s = _timed(case.reference)
-            own_s = _timed(case)
-            if case.reference is not None:
-                case.ratios.append(reference_s / own_s)
+            if case.reference is None:
+                _timed(case)
+                continue
+            first, second = (case.reference, case) if round_ % 2 == 0 else (case, case.reference)
+            times = {id(first): _timed(first), id(second): _timed(second)}
+            case.ratios.append(times[id(case.reference)] / times[id(case)])
 
 
 def _timed(case: Case) -> float:

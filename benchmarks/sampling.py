@@ -3,7 +3,7 @@ whole vocabulary.
 
 The logits are the real model's next-token logits for ``--rows`` prompts (SmolLM2: 49152 tokens).
 Each case is `flora.serve.sampling.next_tokens` for every row at temperature 1 with one ``top_p``,
-timed right after its reference in every round (paired ratios, see ``harness``): the same draw with
+timed next to its reference in every round (paired ratios, see ``harness``): the same draw with
 the whole vocabulary sorted for every row, which is what a nucleus is defined by (and what the
 server did for every sampled row before). With ``top_p`` 1 the server takes the running sum in
 vocabulary order (no ranking at all; other tokens than the reference's for the same draw, from the

@@ -60,7 +60,7 @@ def test_adapters_trained_and_served_on_a_random_model(cache, tmp_path):
     [
         ["decode_memory.py", "--rows", "2", "--steps", "1", "--rounds", "1", "--prompt-tokens", "4"],
         ["batch_generation.py", "--rows", "2", "--distinct", "1,2", "--flora-ranks", "1", "--new-tokens", "2",
-         "--prompt-tokens", "4", "--decode-steps", "1", "--rounds", "1", "--skip-peft"],
+         "--prompt-tokens", "4", "--decode-steps", "1", "--rounds", "1", "--head-to-head-rounds", "1", "--skip-peft"],
     ],
 )  # fmt: skip
 def test_benchmarks_run_without_weights(cache, tmp_path, command):
