@@ -61,6 +61,9 @@ def main() -> None:
     add_device_options(parser)
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
+    if args.rounds < 1 or args.head_to_head_rounds < 0:
+        parser.error(f"--rounds {args.rounds} / --head-to-head-rounds {args.head_to_head_rounds}: expected at "
+                     f"least 1 round, and 0 or more head-to-head rounds")  # fmt: skip
     distincts = [int(d) for d in args.distinct.split(",")]
     flora_ranks = [int(r) for r in args.flora_ranks.split(",")]
     torch.manual_seed(0)
