@@ -140,6 +140,7 @@ def figures(outcomes: list[Outcome], start: float) -> dict:
         "errors": len(errors),
         "short_outputs": sum(1 for o in done if o.output_tokens != o.requested_tokens),  # ignore_eos not honoured
         "first_errors": sorted({o.error for o in errors})[:3],
+        "adapter_misses": sum(o.adapter_cache == "miss" for o in outcomes),  # requests that waited for a read
     }
     if not done:
         return result | {"duration_s": None, "requests_per_s": None, "output_tokens_per_s": None}

@@ -1,8 +1,10 @@
 """Load benchmark of `flora serve`: real HTTP requests with Poisson arrivals against five systems.
 
 One request list (arrivals, prompt and output lengths, from ``--seed``) is sent to every system;
-a workload draws each request's adapter uniform or Zipf(1.5) over 1, 8 or 64 LoRA r8 adapters
-(64 > ``--max-loaded-adapters 32``, so the server's LRU evicts and reloads). Systems:
+a workload draws each request's adapter uniform or Zipf(1.5) over 1, 8 or 64 LoRA r8 adapters.
+Every repeat starts its servers afresh, so a run reads each adapter it uses from disk the first
+time it is asked for (48 requests over 64 adapters, uniform, use about 30: fewer than
+``--max-loaded-adapters 32``, so a run of the default length loads but does not evict). Systems:
 
 - ``base``: the same requests, all on the base model (the upper bound), on flora's server;
 - ``flora``: the requests with their adapters (``flora serve``, continuous batching);
@@ -10,7 +12,10 @@ a workload draws each request's adapter uniform or Zipf(1.5) over 1, 8 or 64 LoR
   adapters (how a server built on PEFT's ``set_adapter`` works);
 - ``static``: ``flora serve --batching static``, batches formed and run to completion;
 - ``vllm``: vLLM's CPU build (``make vllm-env``) with the same adapters as ``--lora-modules``;
-  skipped, saying so, when ``.venv-vllm`` is absent.
+  skipped, saying so, when ``.venv-vllm`` is absent;
+- ``flora-warm`` (only when asked for, with ``flora``): the 64-adapter uniform requests sent again
+  right after flora's run of them, on the same server, so that the adapters that run read are in
+  memory: what the adapters' reads cost is the difference between the two.
 
 ``flora`` runs every workload, ``base`` runs once (it ignores adapters), the other systems run the
 ``--peer-workloads`` (default: 64 adapters, uniform). Each run starts with a few warm-up requests
@@ -60,9 +65,11 @@ from flora import load_base
 from flora.base import resolve_model_dir
 
 SYSTEMS = ("base", "flora", "one-adapter-at-a-time", "static", "vllm")
+WARM = "flora-warm"  # not run unless named: flora's target workload again, its adapters in memory
 FLORA_BATCHING = {
     "base": "continuous",
     "flora": "continuous",
+    WARM: "continuous",
     "one-adapter-at-a-time": "one-adapter",
     "static": "static",
 }
@@ -116,7 +123,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
-        "--systems", type=comma_list, default=list(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS)
+        "--systems", type=comma_list, default=list(SYSTEMS), help="comma-separated, of: " + ", ".join((*SYSTEMS, WARM))
     )
     parser.add_argument("--adapters", type=positive_ints, default=[1, 8, 64], help="adapter counts of the workloads")
     parser.add_argument("--distributions", type=comma_list, default=list(DISTRIBUTIONS))
@@ -151,9 +158,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "serve_load", help="server logs")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
-    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    unknown = sorted(set(args.systems) - {*SYSTEMS, WARM})
     if unknown:
-        parser.error(f"unknown systems {unknown}; expected some of {', '.join(SYSTEMS)}")
+        parser.error(f"unknown systems {unknown}; expected some of {', '.join((*SYSTEMS, WARM))}")
     bad = sorted(set(args.distributions) - set(DISTRIBUTIONS))
     if bad:
         parser.error(f"unknown distributions {bad}; expected some of {', '.join(DISTRIBUTIONS)}")
@@ -163,6 +170,9 @@ def parse_args() -> argparse.Namespace:
     missing = sorted(set(args.peer_workloads) - set(names))
     if missing and set(args.systems) & set(PEERS):
         parser.error(f"--peer-workloads {missing} are not among this run's workloads {names}")
+    if WARM in args.systems and ("flora" not in args.systems or TARGET_WORKLOAD not in names):
+        parser.error(f"{WARM} repeats flora's {TARGET_WORKLOAD} run: it needs --systems flora and that workload "
+                     f"(this run's workloads: {names})")  # fmt: skip
     return args
 
 
@@ -174,15 +184,18 @@ def workload_keys(args: argparse.Namespace) -> list[tuple[int, str]]:
 def plan(args: argparse.Namespace, by_name: dict[str, Workload]) -> dict[str, list[Run]]:
     """Runs grouped by the server that serves them (flora's batching mode, or "vllm"), in run order."""
     groups: dict[str, list[Run]] = {}
-    for system in args.systems:
+    for system in [s for s in args.systems if s != WARM]:
         if system == "base":
             names = list(by_name)[-1:]  # adapters are ignored: any workload's requests
         elif system == "flora":
             names = list(by_name)
         else:
             names = args.peer_workloads
-        server = FLORA_BATCHING.get(system, system)
-        groups.setdefault(server, []).extend(Run(system, by_name[name]) for name in names)
+        runs = [Run(system, by_name[name]) for name in names]
+        if system == "flora" and WARM in args.systems:  # right after flora's run of them, on its server
+            at = names.index(TARGET_WORKLOAD) + 1
+            runs[at:at] = [Run(WARM, by_name[TARGET_WORKLOAD])]
+        groups.setdefault(FLORA_BATCHING.get(system, system), []).extend(runs)
     return groups
 
 
@@ -261,13 +274,15 @@ def targets(records: list[dict]) -> dict:
     base = pick(records, "base", "base")
     others = {s: pick(records, s, TARGET_WORKLOAD) for s in PEERS}
 
-    def ratio(goal: float, numerator: list[dict], denominator: list[dict], strict: bool = False):
+    def ratio(goal: float | None, numerator: list[dict], denominator: list[dict], strict: bool = False):
         pairs = [(n, d) for n in numerator for d in denominator if n["repeat"] == d["repeat"]]
         values = [n["output_tokens_per_s"] / d["output_tokens_per_s"] for n, d in pairs
                   if n.get("output_tokens_per_s") and d.get("output_tokens_per_s")]  # fmt: skip
         if not values:
             return None
         value = statistics.median(values)
+        if goal is None:  # a figure to read, not a target
+            return {"ratio": value, "per_repeat": values}
         return {"ratio": value, "per_repeat": values, "target": goal, "met": value > goal if strict else value >= goal}
 
     def ttft_p99(runs: list[dict]) -> float | None:
@@ -284,6 +299,7 @@ def targets(records: list[dict]) -> dict:
         "flora_over_one_adapter_tokens": ratio(3.0, flora, others["one-adapter-at-a-time"]),
         "flora_p99_ttft_below_static": ttft,
         "flora_over_vllm_tokens": ratio(1.0, flora, others["vllm"], strict=True),
+        "flora_warm_over_base_tokens": ratio(None, pick(records, WARM, TARGET_WORKLOAD), base),
     }
 
 

@@ -70,3 +70,25 @@ def test_benchmarks_run_without_weights(cache, tmp_path, command):
     result = json.loads(out.read_text())
     assert result["model"] == "random:tiny" and result["records"]
     assert all(record.get("ratio_to_base") is None or record["ratio_to_base"] > 0 for record in result["records"])
+
+
+def test_serve_load_repeats_flora_with_its_adapters_in_memory(cache, tmp_path):
+    """``flora-warm`` sends flora's requests again on its server: the adapters flora's run read are not read again."""
+    out = tmp_path / "result.json"
+    run = [sys.executable, str(BENCHMARKS / "serve_load.py"), "--model", "random:tiny",
+           "--systems", "base,flora,flora-warm", "--adapters", "64", "--distributions", "uniform",
+           "--requests", "6", "--rate", "50", "--repeats", "1", "--output-tokens", "2-4", "--prompt-tokens", "4-8",
+           "--log-dir", str(tmp_path / "logs"), "--json", str(out)]  # fmt: skip
+    subprocess.run(run, check=True, capture_output=True, env={**os.environ, "FLORA_CACHE": str(cache)}, timeout=600)
+    result = json.loads(out.read_text())
+    runs = {record["system"]: record for record in result["records"]}
+    assert [record["system"] for record in result["records"]] == ["base", "flora", "flora-warm"]
+    assert all(record["finished"] == 6 for record in runs.values())
+    assert runs["flora"]["adapter_misses"] > 0 and runs["flora-warm"]["adapter_misses"] == 0
+    assert result["targets"]["flora_warm_over_base_tokens"]["ratio"] > 0
+
+
+def test_serve_load_refuses_flora_warm_without_flora(tmp_path):
+    run = [sys.executable, str(BENCHMARKS / "serve_load.py"), "--systems", "base,flora-warm"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "flora-warm repeats flora's 64-uniform run" in done.stderr
