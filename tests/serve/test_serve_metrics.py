@@ -13,6 +13,7 @@ from data.tiny import tiny_llama
 from prometheus_client.parser import text_string_to_metric_families
 
 from flora import AdapterModel
+from flora.serve.engine import Engine, EngineLimits, EngineRequest, SamplingParams
 from flora.serve.metrics import (
     REQUEST_LATENCY_BUCKETS,
     TOKEN_LATENCY_BUCKETS,
@@ -20,6 +21,7 @@ from flora.serve.metrics import (
     ServerMetrics,
     count_buckets,
 )
+from flora.serve.registry import AdapterRegistry
 from serve.support import LiveServer
 
 PROMPT = "reverse the words: red green blue"
@@ -153,6 +155,27 @@ def test_lora_requests_info_and_kv_cache_usage_while_requests_run_and_wait(vllm_
     assert vllm_named.metric("vllm:request_success_total", adapter="lora4", finished_reason="length") == 1
     idle = [s.labels for s in _samples(vllm_named) if s.name == "vllm:lora_requests_info"]
     assert idle == [{"model_name": SERVED, "max_lora": "1", "running_lora_adapters": "", "waiting_lora_adapters": ""}]
+
+
+def test_a_request_submitted_since_the_last_step_is_waiting_in_every_metric(tokenizer, adapter_dir):
+    """Scraped before the engine's next step takes it in, a new request is waiting in the queue gauge and
+    in ``lora_requests_info`` alike (the two were read from different places: one said 1, the other none)."""
+    model = AdapterModel(tiny_llama(tokenizer), tokenizer)
+    registry = AdapterRegistry("tiny", adapter_dir, model=model)
+    metrics = ServerMetrics("tiny")
+    engine = Engine(model, registry, EngineLimits(), metrics)  # not started: requests stay submitted
+    metrics.track(engine)
+    try:
+        version, _ = registry.lease("lora2")
+        engine.submit(EngineRequest("r", tokenizer("hi")["input_ids"], SamplingParams(max_tokens=1), version,
+                                    lambda event: None))  # fmt: skip
+        samples = [s for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples]
+        (info,) = [s.labels for s in samples if s.name == "flora:lora_requests_info"]
+        assert info["waiting_lora_adapters"] == "lora2" and info["running_lora_adapters"] == ""
+        assert [s.value for s in samples if s.name == "flora:num_requests_waiting"] == [1]
+        assert [s.value for s in samples if s.name == "flora:num_requests_running"] == [0]
+    finally:
+        registry.close()
 
 
 def test_the_default_prefix_is_flora_and_a_bad_prefix_is_refused(server):

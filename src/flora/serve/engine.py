@@ -236,6 +236,11 @@ class Engine:
     def queued(self) -> int:
         return len(self._inbox) + len(self.waiting)
 
+    def waiting_requests(self) -> list[EngineRequest]:
+        """Every request not yet admitted, those submitted since the last step too (any thread)."""
+        with self._wakeup:
+            return [*self.waiting, *self._inbox]
+
     # -- the engine's thread -------------------------------------------------------------------
 
     def _loop(self) -> None:

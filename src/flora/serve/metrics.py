@@ -22,7 +22,8 @@ buckets mostly). flora's own: ``adapters_loaded``, ``adapter_loads_total``, ``ad
 
 ``lora_requests_info`` (labels ``running_lora_adapters``, ``waiting_lora_adapters``: names joined
 by commas; ``max_lora``: ``--max-loras``, empty when unlimited; value: the time it was read, as
-vLLM's) and ``kv_cache_usage_perc`` are read from the engine when ``/metrics`` is scraped.
+vLLM's), ``kv_cache_usage_perc`` and the requests running and waiting are read from the engine when
+``/metrics`` is scraped (the last two also after every step), all from one look at its requests.
 ``kv_cache_usage_perc`` is the running requests' tokens (prompt and generated) over the most the
 slot cache may hold, ``max_num_seqs · max_model_len`` (1: no more room; the cache itself grows
 on demand, `flora.serve.slot_cache`). Each server has a registry of its own.
@@ -159,7 +160,8 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def _read_engine(self, engine: Engine) -> None:
-        running, waiting = list(engine.running), list(engine.waiting)  # copies: the engine's thread changes them
+        running, waiting = list(engine.running), engine.waiting_requests()  # copies: the engine's thread changes them
+        self.set_queue(len(running), len(waiting))  # as the adapters below, not as of the last step
         limits = engine.limits
         tokens = sum(len(r.prompt_ids) + len(r.generated) for r in running)
         for gauge in self.kv_cache_usage:
