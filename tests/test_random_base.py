@@ -92,3 +92,14 @@ def test_serve_load_refuses_flora_warm_without_flora(tmp_path):
     run = [sys.executable, str(BENCHMARKS / "serve_load.py"), "--systems", "base,flora-warm"]
     done = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "flora-warm repeats flora's 64-uniform run" in done.stderr
+
+
+def test_adapter_read_times_the_read_against_safetensors_load_file(cache, tmp_path):
+    out = tmp_path / "result.json"
+    run = [sys.executable, str(BENCHMARKS / "adapter_read.py"), "--model", "random:tiny", "--adapters", "2",
+           "--held", "1", "--rounds", "2", "--json", str(out)]  # fmt: skip
+    subprocess.run(run, check=True, capture_output=True, env={**os.environ, "FLORA_CACHE": str(cache)}, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["model"] == "random:tiny" and result["tensors_per_adapter"] > 0
+    assert set(result["median_ms"]) == {"read_ms", "read_cpu_ms", "load_file_ms", "install_ms", "delete_ms"}
+    assert all(value > 0 for value in result["median_ms"].values()) and result["read_over_load_file"] > 0
