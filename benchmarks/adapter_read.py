@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if min(args.adapters, args.rounds) < 1 or args.held < 0:
-        parser.error(f"--adapters {args.adapters} and --rounds {args.rounds}: expected at least 1; "
-                     f"--held {args.held}: expected at least 0")  # fmt: skip
+    if min(args.adapters, args.rounds, args.rank) < 1 or args.held < 0:
+        parser.error(f"--adapters {args.adapters}, --rounds {args.rounds} and --rank {args.rank}: expected at "
+                     f"least 1; --held {args.held}: expected at least 0")  # fmt: skip
     paths = list(adapter_set(args.model, args.held + args.adapters, args.rank).values())
     model = AdapterModel(*load_base(args.model))
     model.eval()
