@@ -104,3 +104,81 @@ def test_full_fine_tuning_alone_equals_flora_train(tiny_dir, tmp_path):
     packed_state, solo_state = packed.model.base_model.state_dict(), solo.model.base_model.state_dict()
     assert max((packed_state[k] - solo_state[k]).abs().max().item() for k in solo_state) < 1e-10
     assert packed.members["f"].trainable_parameters == sum(p.numel() for p in solo.model.base_model.parameters())
+
+
+class Evaluations:
+    """A caller's state checkpointed with a pack: the steps and members ``on_evaluate`` saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[list] = []
+
+    def __call__(self, step: int, keys: list[str]) -> None:
+        self.seen.append([step, keys])
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"]
+
+
+class Killed(Exception):
+    pass
+
+
+def resumable_jobs(tiny_dir: str) -> dict[str, TrainConfig]:
+    jobs = configs(tiny_dir)
+    diverging = TrainConfig(**dict(BASE, model=tiny_dir), method="lora", settings={"r": 2}, learning_rate=1e30, seed=5)
+    return {"a": jobs["a"], "c": jobs["c"], "d": jobs["d"], "nan": diverging}
+
+
+def same_weights(model, other, name: str) -> bool:
+    mine, theirs = model.adapter_parameters(name), other.adapter_parameters(name)
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def run_pack(jobs, out, kill_at: int | None = None, resume: bool = False):
+    evaluations, steps = Evaluations(), []
+
+    def on_step(step, total, losses):
+        steps.append(step)
+        if step == kill_at:
+            raise Killed(step)
+
+    result = train_packed(jobs, out, eval_steps=[0, 2, 4, 6], on_evaluate=evaluations, checkpoint_steps=[2, 4, 6],
+                          on_step=on_step, resume=resume, extra_state=evaluations)  # fmt: skip
+    return result, evaluations.seen, steps
+
+
+def test_a_pack_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path):
+    jobs = resumable_jobs(tiny_dir)
+    whole, whole_seen, _ = run_pack(jobs, tmp_path / "whole")
+    diverged = whole.members["nan"].diverged_step
+    assert diverged is not None and diverged <= 4  # dropped before the checkpoint the run resumes from
+    with pytest.raises(Killed):
+        run_pack(jobs, tmp_path / "killed", kill_at=5)
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-4"]  # the latest only
+
+    resumed, resumed_seen, steps = run_pack(jobs, tmp_path / "killed", resume=True)
+    assert steps == [5, 6]  # steps 1-4 came from the checkpoint
+    assert resumed.steps == whole.steps == 6
+    assert resumed_seen == whole_seen and [s for s, _ in whole_seen] == [0, 2, 4, 6]
+    for key in jobs:
+        assert resumed.members[key] == whole.members[key], key
+        for name in whole.members[key].adapters.values():
+            assert same_weights(resumed.model, whole.model, name), name
+
+    again, again_seen, steps = run_pack(jobs, tmp_path / "killed", resume=True)  # finished: nothing to train
+    assert steps == [] and again_seen == whole_seen and again.members == whole.members
+    assert all(same_weights(again.model, whole.model, f"{key}-default") for key in jobs)
+
+
+def test_resuming_a_checkpoint_of_other_members_is_refused(tiny_dir, tmp_path):
+    jobs = configs(tiny_dir)
+    train_packed({"a": jobs["a"]}, tmp_path / "pack", checkpoint_steps=[2])
+    changed = {"a": TrainConfig(**{**dict(BASE, model=tiny_dir), "learning_rate": 5e-3}, method="lora", seed=1)}
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint-2' was written by another pack \(members that "
+                                         r"differ: a\)"):  # fmt: skip
+        train_packed(changed, tmp_path / "pack", resume=True)
+    fresh = train_packed(changed, tmp_path / "pack", resume=False)  # without resume the checkpoint is not read
+    assert fresh.steps == 6 and len(fresh.members["a"].losses) == 6

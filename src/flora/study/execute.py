@@ -16,6 +16,11 @@ losses at every measured step, and aggregates (`flora.evaluate.aggregate` of the
 validation splits' means) for the store's headline columns. Evaluation runs in the model's dtype
 (float32 unless ``model.dtype`` says otherwise), also when training ran under bfloat16 autocast.
 
+At each measured step the pack also writes a checkpoint (`flora.training.packing`'s, in
+``<work_dir>/<pack id>/``, the latest kept) that holds the curves measured so far and the time spent;
+a pack run again (a study resumed after a kill) continues from it, and its outcome equals that of an
+uninterrupted run. The runner removes a pack's directory once its outcome is stored.
+
 A trial whose loss or gradient became NaN or infinite is ``"unstable"``: its curve so far is kept,
 it gets no scores, and its pack-mates go on. The zero-shot trial (the base model) trains nothing:
 its curve is one point (step 0) and it is scored like the others.
@@ -23,6 +28,7 @@ its curve is one point (step 0) and it is scored like the others.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -104,7 +110,6 @@ def run_pack(job: PackJob, on_step: ProgressFn | None = None, progress: bool = F
     from flora.model import AdapterModel
     from flora.training.packing import train_packed
 
-    started = time.perf_counter()
     data = load_study_data(job.data)
     trials = {trial.key: trial for trial in job.trials}
     first = job.trials[0]  # every trial of a pack has the same model, dtype and strategy
@@ -113,6 +118,7 @@ def run_pack(job: PackJob, on_step: ProgressFn | None = None, progress: bool = F
     template = Template(data.spec["template"])
     scorer = _Scorer(model, template, job.evaluation, progress)
     curves = _Curves(model, template, data, job.evaluation)
+    state = _PackState(curves)
     recent: dict[str, list[float]] = {key: [] for key in trials}
 
     def measure(step: int, keys: list[str]) -> None:
@@ -132,11 +138,12 @@ def run_pack(job: PackJob, on_step: ProgressFn | None = None, progress: bool = F
             if on_step is not None:
                 on_step([trials[k].id for k in trials], step, steps, {trials[k].id: v for k, v in losses.items()})
 
-        configs = {key: trial.train_config(str(Path(job.work_dir) / job.id)) for key, trial in trials.items()}
+        work = Path(job.work_dir) / job.id
+        configs = {key: trial.train_config(str(work)) for key, trial in trials.items()}
+        measured = functools.partial(eval_steps, evaluations=job.evaluation["evaluations"])
         result = train_packed(
-            configs, Path(job.work_dir) / job.id, micro_batch_size=job.micro_batch_size, model=model,
-            eval_steps=lambda steps: eval_steps(steps, job.evaluation["evaluations"]), on_evaluate=measure,
-            on_step=step_done,
+            configs, work, micro_batch_size=job.micro_batch_size, model=model, eval_steps=measured,
+            on_evaluate=measure, on_step=step_done, checkpoint_steps=measured, resume=True, extra_state=state,
         )  # fmt: skip
         members, steps = result.members, result.steps
 
@@ -145,7 +152,7 @@ def run_pack(job: PackJob, on_step: ProgressFn | None = None, progress: bool = F
             for key in finished for split in SPLITS
             for sample in data.samples(split, trials[key].num_tasks)]  # fmt: skip
     scored = scorer.score(rows) if rows else {}
-    wall = time.perf_counter() - started
+    wall = state.elapsed()
     outcomes = []
     for key, trial in trials.items():
         member = members[key]
@@ -204,6 +211,26 @@ def _route(model, key: str, trial: Trial, sample: Sample, data: StudyData) -> st
         name = trial.train_config().adapter_name
     full = f"{key}-{name}"
     return full if full in model.list_adapters() else None
+
+
+class _PackState:
+    """What a pack's checkpoints keep for `run_pack` (``extra_state`` of `train_packed`): the learning
+    curves measured so far and the seconds spent on the pack before, so that a resumed pack reports
+    the curves and the wall time of an uninterrupted one (less the work lost after the checkpoint)."""
+
+    def __init__(self, curves: _Curves) -> None:
+        self.curves = curves
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"checkpoints": self.curves.checkpoints, "rows": self.curves.rows, "elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curves.checkpoints, self.curves.rows = state["checkpoints"], state["rows"]
+        self.started = time.perf_counter() - state["elapsed_s"]
 
 
 class _Curves:

@@ -5,7 +5,10 @@ checked as a training job before anything is written; then the study directory i
 at a time), its store opened (`flora.study.store.StudyStore.open_for_run`: new, continued, or
 refused), and the packs holding unfinished trials run on the backend, each pack's results written
 in one transaction as it finishes. A pack that raises marks its trials ``failed`` (with the error)
-and the study goes on; a rerun trains them again. At the end the report is written
+and the study goes on; a rerun trains them again. A pack interrupted with the run (killed, a session
+ended) keeps its checkpoints in ``.work/<pack id>/`` and ``--resume`` continues it from the latest
+(`flora.study.execute`); a pack's directory goes once its outcome is stored, ``.work`` once every
+pack ran, and a run without ``--resume`` starts without it. At the end the report is written
 (`flora.study.report`).
 """
 
@@ -23,7 +26,7 @@ from flora.study.progress import StudyProgress
 from flora.study.spec import StudySpec
 from flora.study.store import FINISHED, StudyStore, run_lock
 
-WORK_DIR = ".work"  # Trainer's scratch directory inside the study directory (removed after a run)
+WORK_DIR = ".work"  # the packs' checkpoints inside the study directory (kept while a pack is unfinished)
 
 
 @dataclass
@@ -62,6 +65,8 @@ def run_study(
         raise ValueError(f"backend {backend!r} is unknown (expected local or ray)")
     with run_lock(out):
         store = StudyStore.open_for_run(out, spec, trials, resume, data.split_record())
+        if not resume:
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         run = store.begin_run(backend)
         outcome = "interrupted"
         failed = 0
@@ -93,6 +98,7 @@ def run_study(
                     store.fail([t.id for t in job.trials], describe_error(result), run)
                 else:
                     store.finish(result, run)
+                shutil.rmtree(Path(job.work_dir) / job.id, ignore_errors=True)
                 bar.pack_finished(len(job.trials))
 
             runner.run(jobs, started, on_step, finished)
@@ -104,7 +110,8 @@ def run_study(
             for status in (store.statuses()[t.id] for t in trials):
                 counts[status] = counts.get(status, 0) + 1
             store.close()
-            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+            if outcome == "finished":
+                shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     written = None
     if report:
         from flora.study.report import write_report

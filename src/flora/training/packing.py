@@ -28,33 +28,44 @@ becomes NaN or infinite is dropped from the pack before that step's update (its 
 its rows left out of later batches, `MemberResult.error` says when); the others go on unchanged.
 Full fine-tuning changes the base model every member shares, so it trains alone (a pack of one).
 One process only: scale packs out as separate jobs (e.g. `flora.study`'s Ray backend).
+
+Checkpoints and resume: after each of ``checkpoint_steps`` a `FloraTrainer` checkpoint is written
+into the output directory (only the latest is kept). Besides the adapters, optimizer, scheduler and
+RNG state it holds ``pack_state.json``: each member's identity, losses and divergence, the members
+still training, and the caller's ``extra_state`` (its ``state_dict()``, JSON). ``resume=True`` continues
+from the latest checkpoint there (Trainer skips the batches already taken), restoring all of that:
+the result equals that of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from flora.data import IGNORE_INDEX, collate_examples
 from flora.model import AdapterModel
 from flora.training.config import TrainConfig
 from flora.training.data import encode_training_examples, resolve_job_data
 from flora.training.hyperparameters import FULL
+from flora.training.outputs import trainer_state, write_json
 from flora.training.response_loss import response_losses
 from flora.training.run import training_arguments
 from flora.training.trainer import FloraTrainer
+from flora.training.weights import load_checkpoint_weights
 
 # Settings every member of a pack shares (and the number of optimizer steps).
 SHARED_SETTINGS = (
@@ -62,6 +73,15 @@ SHARED_SETTINGS = (
     "max_grad_norm", "training_args",
 )  # fmt: skip
 MEMBER_KEY = re.compile(r"[A-Za-z0-9_]+")  # a member's adapters are named "<key>-<adapter>"
+PACK_STATE_FILE = "pack_state.json"  # in each checkpoint: the members' state and the caller's
+
+
+class Stateful(Protocol):
+    """What a caller checkpoints with a pack (``extra_state``): a JSON-able state and its restore."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def shared_settings(config: TrainConfig) -> dict[str, Any]:
@@ -182,7 +202,7 @@ class PackedTrainer(FloraTrainer):
     """
 
     def __init__(self, *args, members: Sequence[_Member], batch_sampler: PackBatchSampler, active: set[str],
-                 **kwargs) -> None:  # fmt: skip
+                 extra_state: Stateful | None = None, **kwargs) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # each member's loss is its mean over the whole step
         self.members = {member.key: member for member in members}
@@ -190,7 +210,39 @@ class PackedTrainer(FloraTrainer):
         self.active = active
         self.member_tokens: dict[str, Tensor] = {}
         self.member_loss: dict[str, Tensor | float] = dict.fromkeys(self.members, 0.0)
+        self.extra_state = extra_state
         self.remove_callback(PrinterCallback)  # no log dicts on stdout; the progress bar (if any) stays
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_json(Path(output_dir or self.args.output_dir) / PACK_STATE_FILE, self.pack_state())
+
+    def pack_state(self) -> dict[str, Any]:
+        """What `restore` needs besides Trainer's checkpoint (JSON)."""
+        members = {key: {"identity": _identity(m.config), "losses": m.result.losses,
+                         "diverged_step": m.result.diverged_step, "error": m.result.error}
+                   for key, m in self.members.items()}  # fmt: skip
+        extra = self.extra_state.state_dict() if self.extra_state is not None else None
+        return {"members": members, "active": sorted(self.active), "extra": extra}
+
+    def restore(self, checkpoint: str) -> None:
+        """The members' losses, divergence and activity and the caller's state as ``checkpoint`` saved them;
+        raises when it was written by another pack."""
+        state = json.loads((Path(checkpoint) / PACK_STATE_FILE).read_text())
+        saved = {key: member["identity"] for key, member in state["members"].items()}
+        current = {key: _identity(m.config) for key, m in self.members.items()}
+        if saved != current:
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(f"checkpoint {checkpoint!r} was written by another pack (members that differ: "
+                             f"{', '.join(changed)}); remove it or train into another directory")  # fmt: skip
+        for key, member in state["members"].items():
+            result = self.members[key].result
+            result.losses, result.diverged_step = member["losses"], member["diverged_step"]
+            result.error = member["error"]
+        self.active.intersection_update(state["active"])  # in place: the collator reads the same set
+        if self.extra_state is not None:
+            self.extra_state.load_state_dict(state["extra"])
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator)
@@ -261,18 +313,24 @@ class PackedTrainer(FloraTrainer):
         return float("nan")
 
 
-class _PackCallback(TrainerCallback):
-    """Per step: member losses and NaN drops (before the update), then ``on_step`` and the evaluations
-    (step 0, when asked for: before the first step)."""
+def _identity(config: TrainConfig) -> dict[str, Any]:
+    """The settings that decide what a member trains, as JSON reads them back."""
+    return json.loads(json.dumps(config.identity(), default=str))
 
-    def __init__(self, eval_steps: Collection[int], on_evaluate, on_step) -> None:
+
+class _PackCallback(TrainerCallback):
+    """Per step: member losses and NaN drops (before the update), then ``on_step``, the evaluations
+    (step 0, when asked for: before the first step) and the checkpoints."""
+
+    def __init__(self, eval_steps: Collection[int], checkpoint_steps: Collection[int], on_evaluate, on_step) -> None:
         self.trainer: PackedTrainer | None = None
         self.eval_steps = set(eval_steps)
+        self.checkpoint_steps = set(checkpoint_steps)
         self.on_evaluate = on_evaluate
         self.on_step = on_step
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.on_evaluate is not None and 0 in self.eval_steps:  # the adapters as initialised
+        if self.on_evaluate is not None and 0 in self.eval_steps and state.global_step == 0:  # as initialised
             self.on_evaluate(0, sorted(self.trainer.active))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -287,6 +345,7 @@ class _PackCallback(TrainerCallback):
             self.on_evaluate(step, sorted(trainer.active))
         if not trainer.active:
             control.should_training_stop = True
+        control.should_save = step in self.checkpoint_steps
 
 
 def train_packed(
@@ -298,6 +357,9 @@ def train_packed(
     eval_steps: Collection[int] | Callable[[int], Collection[int]] = (),
     on_evaluate: Callable[[int, list[str]], None] | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    checkpoint_steps: Collection[int] | Callable[[int], Collection[int]] = (),
+    resume: bool = False,
+    extra_state: Stateful | None = None,
     progress: bool = False,
 ) -> PackResult:
     """Train the jobs ``members`` (``{key: TrainConfig}``) together, as adapters of one model.
@@ -306,13 +368,18 @@ def train_packed(
         members: the jobs, by key (letters, digits, ``_``); member ``k``'s adapter ``a`` is named
             ``"k-a"`` in the model. They must share `SHARED_SETTINGS` and their number of steps.
             Only their training settings count (not ``output_dir``, checkpoints or logging).
-        output_dir: Trainer's working directory (nothing is saved there).
+        output_dir: Trainer's working directory: the checkpoints, if any.
         micro_batch_size: rows per forward pass over the whole pack (None: a step's rows at once).
         model: the base model to add the adapters to (default: ``members``' model, loaded).
         eval_steps, on_evaluate: after each of these optimizer steps (or of ``eval_steps(steps)``,
             given the pack's number of steps; 0: before the first), ``on_evaluate(step, keys)``
             with the keys of the members still training (the model holds their weights of that step).
         on_step: after every optimizer step, ``on_step(step, steps, {key: its loss})`` (active members).
+        checkpoint_steps: after each of these steps (or of ``checkpoint_steps(steps)``), after its
+            evaluation, a checkpoint in ``output_dir`` (the latest kept; see the module docstring).
+        resume: continue from the latest checkpoint in ``output_dir``, if there is one; raises when
+            it belongs to other members.
+        extra_state: the caller's state saved with each checkpoint and restored on resume.
         progress: Trainer's progress bar.
 
     Returns a `PackResult`: the model with every member's adapters (in eval mode), and per member
@@ -374,12 +441,13 @@ def train_packed(
         raise ValueError(f"members of a pack take the same number of optimizer steps (got {steps})")
     total_steps = steps[first_key]
     schedule = dataclasses.replace(first, output_dir=str(output_dir), max_steps=total_steps, save_steps=0,
-                                   progress=progress)  # fmt: skip
+                                   save_total_limit=1, progress=progress)  # fmt: skip
     args = training_arguments(schedule, micro_batch=1, accumulation=1, multiple=True)
     active = {m.key for m in packed}
     virtual = {m.key for m in packed if any(model.virtual_tokens.holds(n) for n in m.result.adapters.values())}
     sampler = PackBatchSampler([(m.offset, m.size, m.config.batch_size, m.config.seed) for m in packed], total_steps)
-    callback = _PackCallback(eval_steps(total_steps) if callable(eval_steps) else eval_steps, on_evaluate, on_step)
+    at = [when(total_steps) if callable(when) else when for when in (eval_steps, checkpoint_steps)]
+    callback = _PackCallback(*at, on_evaluate, on_step)
     trainer = PackedTrainer(
         model=model,
         args=args,
@@ -391,9 +459,19 @@ def train_packed(
         members=packed,
         batch_sampler=sampler,
         active=active,
+        extra_state=extra_state,
     )
     callback.trainer = trainer
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    output = trainer.train()
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    step = int(trainer_state(checkpoint).get("global_step", 0))
+    if checkpoint is not None and (step >= total_steps or not active):  # nothing left to train: the weights
+        load_checkpoint_weights(model, checkpoint, bool(full))
+        metrics: dict[str, Any] = {}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+        step = trainer.state.global_step
     model.eval()
-    return PackResult(model, {m.key: m.result for m in packed}, trainer.state.global_step, dict(output.metrics))
+    return PackResult(model, {m.key: m.result for m in packed}, step, metrics)
