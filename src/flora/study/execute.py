@@ -47,6 +47,7 @@ from flora.study.data import SPLITS, TEST_SPLITS, VALIDATION_SPLITS, StudyData, 
 from flora.study.plan import Trial, eval_steps
 from flora.training.data import safe_adapter_name
 from flora.training.hyperparameters import FULL
+from flora.training.memory import release_freed_memory
 from flora.training.response_loss import validation_losses
 
 DONE, UNSTABLE = "done", "unstable"
@@ -110,6 +111,7 @@ def run_pack(job: PackJob, on_step: ProgressFn | None = None, progress: bool = F
     from flora.model import AdapterModel
     from flora.training.packing import train_packed
 
+    release_freed_memory()  # a worker runs pack after pack (see flora.training.memory)
     data = load_study_data(job.data)
     trials = {trial.key: trial for trial in job.trials}
     first = job.trials[0]  # every trial of a pack has the same model, dtype and strategy
@@ -123,6 +125,7 @@ def run_pack(job: PackJob, on_step: ProgressFn | None = None, progress: bool = F
 
     def measure(step: int, keys: list[str]) -> None:
         curves.measure(step, {key: trials[key] for key in keys}, recent)
+        release_freed_memory()  # the end of a phase (see flora.training.memory)
 
     if first.zero_shot:
         if len(trials) > 1:
