@@ -181,6 +181,45 @@ def test_mixed_batch_equals_each_row_alone(arch):
     assert (mixed.logits[0] - bare[0]).abs().max() > 1e-3 and (mixed.logits[2] - bare[2]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("keep", [torch.tensor([0, 3, 4, 7]), 3], ids=["positions", "last"])
+def test_logits_to_keep_counts_real_tokens_in_a_mixed_batch(keep):
+    """Rows with soft prompts, prefixes, LoRA or nothing: the kept logits are the full logits at the
+    real-token positions asked for (what `flora.training.response_losses` relies on)."""
+    model = _mixed_model("llama")
+    ids, mask = batch(rows=len(NAMES))
+    full = model(ids, attention_mask=mask, adapter_names=NAMES).logits
+    kept = model(ids, attention_mask=mask, adapter_names=NAMES, logits_to_keep=keep).logits
+    expected = full[:, keep] if isinstance(keep, torch.Tensor) else full[:, -keep:]
+    assert kept.shape == expected.shape
+    assert (kept - expected).abs().max() <= TOL
+
+
+def test_response_losses_equal_the_cross_entropy_of_full_logits():
+    """Per row, the loss over its response tokens from the kept logits equals that from every
+    position's logits, in one batch and batched otherwise (`validation_losses`)."""
+    from flora.data import collate_examples
+    from flora.training.response_loss import response_losses, validation_losses
+
+    model = _mixed_model("llama")
+    ids, mask = batch(rows=len(NAMES))
+    items = []
+    for row in range(len(NAMES)):
+        tokens = ids[row][mask[row] == 1].tolist()
+        items.append({"input_ids": tokens, "labels": [-100] * (len(tokens) - 3) + tokens[-3:]})  # 3-token answers
+    padded = collate_examples(items, 0)  # right-padded: positions count from each row's first token
+    inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "adapter_names": NAMES}
+    sums, tokens, _ = response_losses(model, inputs, padded["labels"])
+    logits = model(**inputs).logits
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), padded["labels"][:, 1:],
+                                                  reduction="none")  # fmt: skip
+    assert tokens.tolist() == [3] * len(NAMES)
+    assert (sums - per_token.sum(dim=1)).abs().max() <= TOL
+    model.tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
+    losses = validation_losses(model, items, NAMES, batch_size=3)
+    assert [count for _, count in losses] == [3] * len(NAMES)
+    assert max(abs(loss - total / 3) for (loss, _), total in zip(losses, sums.tolist(), strict=True)) <= TOL
+
+
 def _new_tokens(out, prompt_length: int, eos: int = 2) -> list[int]:
     """The generated tokens up to the first EOS (Llama's id 2), without the padding of finished rows."""
     tokens = out[prompt_length:].tolist()

@@ -21,7 +21,8 @@ A batch ``[batch, tokens]`` whose row ``i`` uses a soft prompt of ``n_i`` tokens
 Compatibility with Hugging Face PEFT (0.21), which supports one adapter per batch:
 
 * ``forward`` returns logits for the real tokens only, ``[batch, tokens, vocab]``: PEFT's prompt
-  tuning returns ``[batch, n + tokens, vocab]``, of which flora's are ``[:, n:]``. ``loss`` is PEFT's
+  tuning returns ``[batch, n + tokens, vocab]``, of which flora's are ``[:, n:]``. ``logits_to_keep``
+  counts real tokens too (an int: the last ones; a tensor: their positions). ``loss`` is PEFT's
   (the last virtual token predicts the first real one). ``hidden_states``/``attentions``, if asked
   for, include the ``Nv`` virtual columns.
 * Positions: as PEFT in ``forward`` (``n + arange(tokens)``, or the caller's ``position_ids`` shifted
@@ -182,6 +183,9 @@ class VirtualTokens(nn.Module):
             positions = torch.arange(tokens, device=device)
         positions = positions.reshape(-1, tokens).expand(rows, tokens) + plan.offset
         if plan.num_prompt:
+            keep = kwargs.get("logits_to_keep")
+            if isinstance(keep, Tensor):  # positions of the real tokens -> of the sequence with the prompt
+                kwargs["logits_to_keep"] = keep + plan.num_prompt
             if embeds is None:
                 embeds = base_model.get_input_embeddings()(input_ids)
             embeds = torch.cat([self.prompt_block(plan, embeds.dtype), embeds], dim=1)

@@ -165,31 +165,25 @@ class PackCollator:
     """One optimizer step's rows -> ``{"micro_batches": [batch, ...]}``: rows of active members only,
     longest first (rows of similar length share a micro-batch: less padding), cut into micro-batches
     of ``micro_batch_size`` rows (all in one when None), each right-padded
-    (`flora.data.collate_examples`) with ``adapter_names`` and ``members`` (one per row). Rows of the
-    members in ``apart`` (prompt and prefix tuning, whose virtual tokens need every position's
-    logits) go in micro-batches of their own, after the others', so they do not cost the others
-    their ``logits_to_keep``. A member's loss is normalised over the whole step, so how its rows are
-    spread over micro-batches changes nothing but float rounding."""
+    (`flora.data.collate_examples`) with ``adapter_names`` and ``members`` (one per row). A member's
+    loss is normalised over the whole step, so how its rows are spread over micro-batches changes
+    nothing but float rounding."""
 
-    def __init__(self, pad_token_id: int, micro_batch_size: int | None, active: Collection[str],
-                 apart: Collection[str] = ()) -> None:  # fmt: skip
+    def __init__(self, pad_token_id: int, micro_batch_size: int | None, active: Collection[str]) -> None:
         self.pad_token_id = pad_token_id
         self.micro_batch_size = micro_batch_size
         self.active = active
-        self.apart = set(apart)
 
     def __call__(self, items: list[dict]) -> dict[str, list[dict]]:
         rows = sorted((item for item in items if item["member"] in self.active), key=lambda r: -len(r["input_ids"]))
+        size = self.micro_batch_size or max(len(rows), 1)
         chunks = []
-        together = [r for r in rows if r["member"] not in self.apart]
-        for group in (together, [r for r in rows if r["member"] in self.apart]):
-            size = self.micro_batch_size or max(len(group), 1)
-            for start in range(0, len(group), size):
-                part = group[start : start + size]
-                batch = collate_examples(part, self.pad_token_id)
-                batch["adapter_names"] = [row["adapter_name"] for row in part]
-                batch["members"] = [row["member"] for row in part]
-                chunks.append(batch)
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            batch = collate_examples(part, self.pad_token_id)
+            batch["adapter_names"] = [row["adapter_name"] for row in part]
+            batch["members"] = [row["member"] for row in part]
+            chunks.append(batch)
         return {"micro_batches": chunks}
 
 
@@ -263,9 +257,7 @@ class PackedTrainer(FloraTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         members = inputs.pop("members")
         labels = inputs.pop("labels")
-        virtual = self._adapter_model().virtual_tokens
-        uses_virtual = any(name is not None and virtual.holds(name) for name in set(inputs.get("adapter_names") or ()))
-        per_row, _, outputs = response_losses(model, inputs, labels, uses_virtual)
+        per_row, _, outputs = response_losses(model, inputs, labels)
         loss = per_row.new_zeros(())
         for key in dict.fromkeys(members):
             rows = torch.tensor([i for i, m in enumerate(members) if m == key], device=per_row.device)
@@ -444,7 +436,6 @@ def train_packed(
                                    save_total_limit=1, progress=progress)  # fmt: skip
     args = training_arguments(schedule, micro_batch=1, accumulation=1, multiple=True)
     active = {m.key for m in packed}
-    virtual = {m.key for m in packed if any(model.virtual_tokens.holds(n) for n in m.result.adapters.values())}
     sampler = PackBatchSampler([(m.offset, m.size, m.config.batch_size, m.config.seed) for m in packed], total_steps)
     at = [when(total_steps) if callable(when) else when for when in (eval_steps, checkpoint_steps)]
     callback = _PackCallback(*at, on_evaluate, on_step)
@@ -452,7 +443,7 @@ def train_packed(
         model=model,
         args=args,
         train_dataset=items,
-        data_collator=PackCollator(tokenizer.pad_token_id, micro_batch_size, active, virtual),
+        data_collator=PackCollator(tokenizer.pad_token_id, micro_batch_size, active),
         adapter_lr=None if full else adapter_lr,
         full=bool(full),
         callbacks=[callback],

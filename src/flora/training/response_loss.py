@@ -3,8 +3,8 @@
 `response_losses` runs one forward pass and returns, per row, the sum of the cross-entropy over
 its response tokens (the positions whose label is not ``IGNORE_INDEX``, after the causal shift)
 and their number. The output layer is evaluated only at positions where some row has a label
-(``logits_to_keep``), except for rows through prompt or prefix tuning, whose virtual tokens shift
-the positions. `flora.training.packing.PackedTrainer` builds its per-member loss from it;
+(``logits_to_keep``, which counts real tokens also for rows with prompt-tuning's virtual tokens:
+`flora.model.virtual_tokens`). `flora.training.packing.PackedTrainer` builds its per-member loss from it;
 `validation_losses` scores held-out examples with it (no generation: what a learning curve needs).
 """
 
@@ -20,21 +20,16 @@ from torch import Tensor
 from flora.data import IGNORE_INDEX, collate_examples
 
 
-def response_losses(forward: Callable[..., Any], inputs: dict[str, Any], labels: Tensor,
-                    virtual: bool) -> tuple[Tensor, Tensor, Any]:  # fmt: skip
+def response_losses(forward: Callable[..., Any], inputs: dict[str, Any], labels: Tensor) -> tuple[Tensor, Tensor, Any]:
     """``(loss sums [batch], response tokens [batch], outputs)`` of one forward pass.
 
-    ``forward(**inputs, use_cache=False, [logits_to_keep=...])`` is the model call; ``labels``
-    ``[batch, tokens]`` are unshifted (-100 on the prompt and padding); ``virtual``: some row runs
-    through prompt or prefix tuning (then every position's logits are computed).
+    ``forward(**inputs, use_cache=False, logits_to_keep=...)`` is the model call; ``labels``
+    ``[batch, tokens]`` are unshifted (-100 on the prompt and padding).
     """
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    if virtual:
-        outputs = forward(**inputs, use_cache=False)
-    else:  # logits only where some row has a label: the output layer is a third of a small model's work
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-        outputs = forward(**inputs, use_cache=False, logits_to_keep=keep)
-        targets = targets[:, keep]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    outputs = forward(**inputs, use_cache=False, logits_to_keep=keep)
+    targets = targets[:, keep]
     logits = outputs.logits.float()
     targets = targets.to(logits.device)
     per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
@@ -56,20 +51,16 @@ def validation_losses(model, items: Sequence[dict[str, Any]], adapter_names: Seq
     model.eval()
     forward = type(model).forward.__get__(model)
     pad = model.tokenizer.pad_token_id
-    virtual_rows = {i for i, name in enumerate(adapter_names) if name is not None and model.virtual_tokens.holds(name)}
     out: dict[int, tuple[float, int]] = {}
-    # Rows through prompt or prefix tuning need every position's logits: batch them apart from the others;
-    # within each group, rows of similar length together (less padding).
-    for group in ([i for i in range(len(items)) if i not in virtual_rows], sorted(virtual_rows)):
-        group = sorted(group, key=lambda i: (-len(items[i]["input_ids"]), i))
-        with torch.no_grad():
-            for start in range(0, len(group), batch_size):
-                rows = group[start : start + batch_size]
-                batch = collate_examples([items[i] for i in rows], pad)
-                inputs = {"input_ids": batch["input_ids"].to(model.device),
-                          "attention_mask": batch["attention_mask"].to(model.device),
-                          "adapter_names": [adapter_names[i] for i in rows]}  # fmt: skip
-                sums, tokens, _ = response_losses(forward, inputs, batch["labels"], bool(virtual_rows & set(rows)))
-                for i, total, count in zip(rows, sums.tolist(), tokens.tolist(), strict=True):
-                    out[i] = (total / max(count, 1), count)
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))  # less padding
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = collate_examples([items[i] for i in rows], pad)
+            inputs = {"input_ids": batch["input_ids"].to(model.device),
+                      "attention_mask": batch["attention_mask"].to(model.device),
+                      "adapter_names": [adapter_names[i] for i in rows]}  # fmt: skip
+            sums, tokens, _ = response_losses(forward, inputs, batch["labels"])
+            for i, total, count in zip(rows, sums.tolist(), tokens.tolist(), strict=True):
+                out[i] = (total / max(count, 1), count)
     return [out[i] for i in range(len(items))]
