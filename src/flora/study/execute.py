@@ -321,6 +321,7 @@ class _Scorer:
             max_new_tokens=[budgets[r.sample.task] for r in rows],
             stop_at_newline=[newline[r.sample.task] for r in rows],
             batch_size=self.evaluation["batch_size"], progress=self.progress, newline_mask=self.newline,
+            on_batch=lambda rows: release_freed_memory(),  # batch after batch of other shapes (flora.training.memory)
         )  # fmt: skip
         by_key: dict[str, list[tuple[_Row, EvalRow]]] = {}
         for row, prediction in zip(rows, predictions, strict=True):
