@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -130,6 +131,23 @@ def test_a_rerun_skips_the_finished_trials(smoke, tiny_dir, capsys):
     store = StudyStore.open(smoke)
     assert [run["outcome"] for run in store.runs()] == ["finished", "finished"]
     store.close()
+
+
+def test_a_trial_trained_again_sheds_its_last_finish(smoke, tmp_path):
+    """A failed trial run again is running from its new start: no finish time or wall time of the
+    failed attempt (the report's hours per run read them)."""
+    out = tmp_path / "study"
+    shutil.copytree(smoke, out)
+    store = StudyStore.open(out)
+    trial = next(iter(stored_trials(out)))
+    first = store.begin_run("local")
+    store.fail([trial], "Traceback ...\nRuntimeError: out of memory", first)
+    second = store.begin_run("local")
+    store.mark_running([trial], second, "p", 1)
+    store.close()
+    row = stored_trials(out)[trial]
+    assert (row["status"], row["run"], row["finished"], row["wall_s"], row["error"]) == ("running", second, None,
+                                                                                         None, None)  # fmt: skip
 
 
 def test_a_directory_holding_another_study_is_refused_unless_resume(tiny_dir, tmp_path, capsys):

@@ -272,7 +272,7 @@ class StudyStore:
         with self.connection:
             self.connection.executemany(
                 "UPDATE trials SET status = 'running', run = ?, pack = ?, pack_size = ?, started = ?, heartbeat = ?, "
-                "progress = NULL, error = NULL WHERE id = ?",
+                "progress = NULL, error = NULL, finished = NULL, wall_s = NULL WHERE id = ?",
                 [(run, pack, pack_size, now, now, i) for i in ids],
             )  # fmt: skip
 
