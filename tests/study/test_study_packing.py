@@ -182,3 +182,21 @@ def test_resuming_a_checkpoint_of_other_members_is_refused(tiny_dir, tmp_path):
         train_packed(changed, tmp_path / "pack", resume=True)
     fresh = train_packed(changed, tmp_path / "pack", resume=False)  # without resume the checkpoint is not read
     assert fresh.steps == 6 and len(fresh.members["a"].losses) == 6
+
+
+def test_after_bfloat16_training_the_model_runs_in_its_own_dtype(tiny_dir, tmp_path):
+    """Trainer leaves accelerate's autocast wrapper on ``forward``; after training, the model's
+    outputs are its class's float32 forward's, not bfloat16 autocast's."""
+    settings = {**BASE, "dtype": "float32", "max_steps": 2, "strategy": "bmm", "device": "cpu"}
+    config = TrainConfig(**settings, model=tiny_dir, method="lora", learning_rate=1e-2, training_args={"bf16": True})
+    for model in (
+        train_packed({"a": config}, tmp_path / "pack").model,
+        train(config, output_dir=str(tmp_path / "solo")).model,
+    ):
+        assert "_original_forward" not in model.__dict__ and not hasattr(model.forward, "__wrapped__")
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        names = model.list_adapters()[:1]
+        with torch.no_grad():
+            called = model(ids, adapter_names=names).logits
+            own = type(model).forward(model, ids, adapter_names=names).logits
+        assert called.dtype == torch.float32 and torch.equal(called, own)

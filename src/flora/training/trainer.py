@@ -32,6 +32,10 @@ class FloraTrainer(Trainer):
       place once complete, so a killed run never leaves a partial ``checkpoint-N``.
     - A NaN or infinite loss or gradient stops the run (`TrainingDivergedError`) before the step's
       update; the checkpoints already written are kept.
+    - After `train` the model's ``forward`` is its class's again: under ``bf16``/``fp16`` accelerate
+      wraps it in autocast for training and Trainer leaves the wrapper on, so everything run on the
+      model afterwards (generation, scoring) would run under autocast too; it runs in the model's
+      dtype instead.
     """
 
     def __init__(self, *args, adapter_lr: Mapping[str, float] | None = None, full: bool = False,
@@ -44,6 +48,12 @@ class FloraTrainer(Trainer):
         self.step_stats = StepStats(adapters)
         self.step_logger = StepLogCallback(self, log_path)
         self.add_callback(self.step_logger)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast wrapper
 
     def _adapter_model(self) -> AdapterModel:
         model = self.accelerator.unwrap_model(self.model)
